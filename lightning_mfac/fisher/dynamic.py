@@ -1,0 +1,225 @@
+"""Dynamic M-FAC: the inverse empirical Fisher of a sliding window of the last ``m`` gradients.
+
+Frantar, Kurtic & Alistarh, "M-FAC: Efficient Matrix-Free Approximations of Second-Order
+Information", NeurIPS 2021, Section 4 (the dynamic algorithm), in the Gram formulation of
+DESIGN.md:
+
+    F = λ·I + (1/m)·GᵀG,        S = m·λ·I + G Gᵀ   (m × m),
+    F⁻¹x = (x − Gᵀ S⁻¹ (G x)) / λ.
+
+``G`` is a ring buffer; empty slots are zero rows and ``m`` is always the capacity. Replacing row
+``j`` by a new gradient ``g`` changes row and column ``j`` of ``S`` only, so ``S⁻¹`` is updated in
+``O(m²)`` (remove row/column ``j`` by a Schur downdate, insert the new one by a bordered inverse)
+and rebuilt from the float64 Gram ``K = G Gᵀ`` every ``refactor_every`` steps, which bounds the
+drift and keeps the amortized cost ``O(m²)``. A step therefore reads the window twice (``G g``
+and ``Gᵀ c``) and does ``O(m²)`` float64 work.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_mfac import _validation as check
+from lightning_mfac.fisher._numerics import chunked_dots, compute_dtype, spd_inverse, warn_once
+from lightning_mfac.fisher.storage import STORAGES, WindowStorage, make_window
+
+
+class DynamicFisherInverse:
+    """Sliding-window inverse empirical Fisher with ``update``/``mul``/``update_mul``.
+
+    Args:
+        dim: number of coordinates ``d``.
+        ngrads: window size ``m`` (the capacity; the Fisher always divides by it).
+        damp: dampening ``λ > 0``.
+        device: compute device (default CPU). Inputs must live there.
+        dtype: window dtype, ``torch.float32`` or ``torch.bfloat16`` (``float64`` for references).
+        storage: ``"device"``, ``"paged"`` (host pages streamed to ``device``), ``"sharded"``
+            (1/world of the coordinates per rank under ``torch.distributed``) or ``"auto"``.
+        page_cols / page_budget_bytes: page geometry of a paged window (default from free memory).
+        refactor_every: steps between fresh factorizations of ``S`` (default ``m``).
+        process_group: group for ``storage="sharded"``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        ngrads: int,
+        damp: float = 1e-5,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = torch.float32,
+        storage: str = "device",
+        page_cols: int | None = None,
+        page_budget_bytes: int | None = None,
+        refactor_every: int | None = None,
+        process_group: Any = None,
+    ) -> None:
+        self.dim = check.positive_int("dim", dim)
+        self.ngrads = check.positive_int("ngrads", ngrads)
+        self.damp = check.positive_float("damp", damp)
+        self.dtype = check.window_dtype("dtype", dtype)
+        check.one_of("storage", storage, STORAGES)
+        if page_cols is not None:
+            check.positive_int("page_cols", page_cols)
+        self.refactor_every = check.positive_int(
+            "refactor_every", self.ngrads if refactor_every is None else refactor_every
+        )
+        self.device = torch.device("cpu" if device is None else device)
+        self.window: WindowStorage = make_window(
+            self.ngrads, self.dim, self.dtype, self.device, storage, page_cols, page_budget_bytes, process_group
+        )
+        self.storage = type(self.window).__name__
+        self.cdtype = compute_dtype(self.dtype)
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Empty the window: F = λ·I again."""
+        m = self.ngrads
+        self.window.zero_()
+        self.gram = torch.zeros(m, m, dtype=torch.float64, device=self.device)
+        self.inv = torch.eye(m, dtype=torch.float64, device=self.device) / (m * self.damp)
+        self.slot = 0
+        self.count = 0
+        self._since_refactor = 0
+
+    @property
+    def filled(self) -> int:
+        """Number of window slots that hold a gradient."""
+        return min(self.count, self.ngrads)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "dim": self.dim,
+            "ngrads": self.ngrads,
+            "damp": self.damp,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "window": self.window.to_dense(),
+            "gram": self.gram.cpu().clone(),
+            "inv": self.inv.cpu().clone(),
+            "slot": self.slot,
+            "count": self.count,
+            "since_refactor": self._since_refactor,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("dim", "ngrads"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"state_dict[{key!r}]={state[key]} does not match this inverse ({key}={getattr(self, key)}): "
+                    "the window must be restored into an inverse of the same shape."
+                )
+        self.damp = float(state["damp"])
+        self.window.load_dense(state["window"].to(self.device))
+        self.gram = state["gram"].to(self.device, torch.float64).clone()
+        self.inv = state["inv"].to(self.device, torch.float64).clone()
+        self.slot, self.count = int(state["slot"]), int(state["count"])
+        self._since_refactor = int(state["since_refactor"])
+
+    # ------------------------------------------------------------------ public API
+    def update(self, g: torch.Tensor) -> None:
+        """Put ``g`` into the window, replacing the oldest gradient."""
+        self._insert(self._as_columns(g, "g", allow_matrix=False))
+
+    def mul(self, x: torch.Tensor) -> torch.Tensor:
+        """``F⁻¹ x`` for ``x`` of shape ``(d,)`` or ``(d, k)``."""
+        cols = self._as_columns(x, "x", allow_matrix=True)
+        out = self._apply(cols, self.window.dots(cols))
+        return out.reshape(x.shape).to(self._out_dtype(x))
+
+    def update_mul(self, g: torch.Tensor) -> torch.Tensor:
+        """``update(g)`` then ``mul(g)``, sharing the pass ``G g``: two reads of the window in all."""
+        cols = self._as_columns(g, "g", allow_matrix=False)
+        u = self._insert(cols)
+        return self._apply(cols, u).reshape(g.shape).to(self._out_dtype(g))
+
+    def mask_coordinates(self, keep: torch.Tensor) -> None:
+        """Zero the coordinates where ``keep`` is False in every stored gradient (after pruning) and
+        refactor, so the window no longer carries them."""
+        if keep.shape != (self.dim,):
+            raise ValueError(f"keep has shape {tuple(keep.shape)}: expected ({self.dim},).")
+        self.window.mask_columns(keep.to(torch.bool))
+        self.gram = self.window.gram()
+        self._refactor()
+
+    # ------------------------------------------------------------------ internals
+    def _out_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return torch.promote_types(x.dtype, torch.float32)
+
+    def _as_columns(self, x: torch.Tensor, name: str, allow_matrix: bool) -> torch.Tensor:
+        check.float_tensor(name, x, (1, 2) if allow_matrix else (1,))
+        if x.shape[0] != self.dim:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}: expected first dimension d={self.dim}.")
+        if x.device != self.device:
+            raise ValueError(f"{name} is on {x.device}: expected the inverse's device {self.device}.")
+        check.finite_tensor(name, x)
+        x = x.detach()
+        return (x if x.dim() == 2 else x.unsqueeze(1)).to(self.cdtype)
+
+    def _insert(self, g: torch.Tensor) -> torch.Tensor:
+        """Writes ``g`` (``(d, 1)``) into the oldest slot, updates ``K`` and ``S⁻¹``; returns ``G_new g``."""
+        j = self.slot
+        stored = g.to(self.dtype)
+        if self.dtype == self.cdtype:
+            u = self.window.dots(g)[:, 0]
+            u_stored = u.clone()
+            self_dot = chunked_dots(g.t(), g)[0, 0]
+            cross = self_dot
+        else:
+            # A narrow window holds the rounded gradient: K must be the Gram of what is stored, while
+            # the product is with the exact g. Both come out of the same pass as two columns.
+            wide = stored.to(self.cdtype)
+            both = self.window.dots(torch.cat([g, wide], dim=1))
+            u, u_stored = both[:, 0].clone(), both[:, 1].clone()
+            self_dot = chunked_dots(wide.t(), wide)[0, 0]
+            cross = chunked_dots(wide.t(), g)[0, 0]
+        self.window.set_row(j, stored[:, 0])
+        u_stored[j] = self_dot
+        u[j] = cross
+        self._replace(j, u_stored)
+        self.slot = (j + 1) % self.ngrads
+        self.count += 1
+        return u.unsqueeze(1)
+
+    def _apply(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        c = self.inv @ u
+        return (x - self.window.combine(c)) / self.damp
+
+    def _replace(self, j: int, col: torch.Tensor) -> None:
+        self.gram[j, :] = col
+        self.gram[:, j] = col
+        self._since_refactor += 1
+        if self._since_refactor >= self.refactor_every or not self._bordered_update(j, col):
+            self._refactor()
+
+    def _bordered_update(self, j: int, col: torch.Tensor) -> bool:
+        """O(m²) replacement of row/column ``j`` in ``S⁻¹``; False if rounding makes it unsafe."""
+        floor = self.ngrads * self.damp
+        p = self.inv[:, j].clone()
+        if not bool(p[j] > 0):
+            return False
+        # Schur downdate: the inverse of S without row/column j, embedded with zeros at j.
+        reduced = self.inv - torch.outer(p, p) / p[j]
+        a = col.clone()
+        a[j] = 0.0
+        ra = reduced @ a
+        ra[j] = 0.0
+        schur = col[j] + floor - a @ ra
+        # S ⪰ m·λ·I, so its Schur complement is ≥ m·λ; anything less is accumulated rounding.
+        if not bool(torch.isfinite(schur)) or schur < floor * (1 - 1e-6):
+            warn_once("M-FAC: the O(m²) inverse update lost accuracy; refactoring the Gram matrix.")
+            return False
+        reduced += torch.outer(ra, ra) / schur
+        reduced[:, j] = -ra / schur
+        reduced[j, :] = -ra / schur
+        reduced[j, j] = 1.0 / schur
+        self.inv = reduced
+        return True
+
+    def _refactor(self) -> None:
+        m = self.ngrads
+        s = self.gram + (m * self.damp) * torch.eye(m, dtype=torch.float64, device=self.device)
+        self.inv = spd_inverse(s, m * self.damp)
+        self.inv = 0.5 * (self.inv + self.inv.t())
+        self._since_refactor = 0
