@@ -74,16 +74,13 @@ def validate_config(cfg: DictConfig) -> None:
     _number(cfg, "trainer.max_epochs", minimum=-1, integer=True)
     _number(cfg, "trainer.max_steps", minimum=-1, integer=True)
     _number(cfg, "trainer.accumulate_grad_batches", minimum=1, integer=True)
-    if OmegaConf.select(cfg, "data.data_dir", default=None) is not None or "data_dir" in cfg.get("data", {}):
+    if "data_dir" in cfg.data.keys():
         if OmegaConf.is_missing(cfg.data, "data_dir"):
             raise ConfigError("data.data_dir is missing: this data set needs data.data_dir=<path>.")
         path = cfg.data.data_dir
-        needs_files = not cfg.data.get("download", False) and path is not None
-        if needs_files and not Path(str(path)).exists():
-            raise ConfigError(
-                f"data.data_dir={path!r} does not exist"
-                + (" (pass data.download=true to fetch it)." if "download" in cfg.data else ".")
-            )
+        if path is not None and not cfg.data.get("download", False) and not Path(str(path)).exists():
+            hint = " (pass data.download=true to fetch it)" if "download" in cfg.data else ""
+            raise ConfigError(f"data.data_dir={path!r} does not exist{hint}.")
     if cfg.model.get("task", "image") not in TASKS:
         raise ConfigError(f"model.task={cfg.model.get('task')!r} is invalid: expected one of {sorted(TASKS)}.")
     kind = OmegaConf.select(cfg, "pruning.kind", default=None)
@@ -279,16 +276,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float:
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except ConfigError as err:
+        # A configuration mistake is the user's to fix: one line, no traceback, exit status 2.
+        print(f"mfac-train: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     return summary["optimized"]
 
 
 def main() -> None:
-    try:
-        _hydra_main()
-    except ConfigError as err:
-        print(f"mfac-train: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    _hydra_main()
 
 
 if __name__ == "__main__":
