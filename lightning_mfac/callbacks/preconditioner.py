@@ -119,7 +119,7 @@ class MFACPreconditioner(Callback):
         if u is None:
             self._skip(trainer, pl_module, pre)
             return
-        for p, v in zip(pre.params, pre.views(u)):
+        for p, v in zip(pre.params, pre.views(u), strict=True):
             if p.grad is None:
                 p.grad = v.to(p.dtype).clone()
             else:

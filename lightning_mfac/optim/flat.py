@@ -78,7 +78,7 @@ class FlatPreconditioner:
         """``∇L + weight_decay·w`` flattened; a parameter without gradient contributes zeros."""
         dtype = torch.float64 if self.fisher.cdtype == torch.float64 else torch.float32
         parts = []
-        for p, wd in zip(self.params, weight_decay):
+        for p, wd in zip(self.params, weight_decay, strict=True):
             g = p.grad.detach().reshape(-1).to(dtype) if p.grad is not None else p.new_zeros(p.numel(), dtype=dtype)
             if wd:
                 g = g + wd * p.detach().reshape(-1).to(dtype)
@@ -93,13 +93,13 @@ class FlatPreconditioner:
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """``flat`` split into tensors shaped like the parameters."""
-        return [t.view(s) for t, s in zip(flat.split([int(torch.Size(s).numel()) for s in self.shapes]), self.shapes)]
+        return [t.view(s) for t, s in zip(flat.split([int(torch.Size(s).numel()) for s in self.shapes]), self.shapes, strict=True)]
 
     def keep_vector(self, keeps: Sequence[torch.Tensor | None]) -> torch.Tensor:
         """Flat boolean mask from per-parameter masks (``None`` keeps everything)."""
         parts = [
             (k.reshape(-1).to(self.device, torch.bool) if k is not None else torch.ones(p.numel(), dtype=torch.bool, device=self.device))
-            for p, k in zip(self.params, keeps)
+            for p, k in zip(self.params, keeps, strict=True)
         ]
         return torch.cat(parts)
 
