@@ -71,6 +71,10 @@ class DigitsMLP(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
+        if self.optimizer == "mfac":
+            from lightning_mfac import MFAC
+
+            return MFAC(self.parameters(), lr=self.lr, momentum=0.5, ngrads=32, damp=1e-3)
         if self.optimizer == "adamw":
             return torch.optim.AdamW(self.parameters(), lr=self.lr / 10, weight_decay=0.01)
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=1e-4)
@@ -268,6 +272,24 @@ def test_works_with_mfac_preconditioner(tmp_path):
     for name in WEIGHTS:
         stale = by_name[name][:, ~pruning.masks[name].reshape(-1)]
         assert bool((stale == 0).all()), f"the M-FAC window still carries pruned coordinates of {name}"
+
+
+def test_works_with_the_mfac_optimizer(tmp_path):
+    pruning = OBSPruning(0.7, start_epoch=1, end_epoch=2, ngrads=8, verbose=False)
+    probe = MaskProbe(pruning)
+    module = DigitsMLP(optimizer="mfac", lr=0.001)
+    trainer = _trainer(tmp_path, [pruning, probe], max_epochs=3)
+    trainer.fit(module)
+    assert probe.checked == 3 * 6
+    optimizer = trainer.optimizers[0]
+    window = optimizer._pre.fisher.window.to_dense()
+    columns = torch.split(window, [p.numel() for p in module.parameters()], dim=1)
+    by_name = dict(zip([n for n, _ in module.named_parameters()], columns, strict=True))
+    for name, p in module.named_parameters():
+        if name in WEIGHTS:
+            pruned = ~pruning.masks[name]
+            assert bool((by_name[name][:, pruned.reshape(-1)] == 0).all())
+            assert bool((optimizer.state[p]["momentum_buffer"][pruned] == 0).all())
 
 
 def test_manual_optimization_needs_loss_fn(tmp_path):

@@ -273,6 +273,11 @@ class OBSPruning(Callback):
             hook = getattr(cb, "apply_masks", None)
             if cb is not self and callable(hook):
                 hook(self.masks)
+        by_param = {p: self.masks[n] for n, p in self._named.items()}
+        for optimizer in trainer.optimizers:
+            hook = getattr(optimizer, "apply_masks", None)  # e.g. the MFAC optimizer's window
+            if callable(hook):
+                hook(by_param)
         seconds = time.perf_counter() - start
         record = {"epoch": epoch, "target": target, "sparsity": sparsity_of(self.masks), "seconds": seconds, "ngrads": used}
         self.history.append(record)

@@ -124,6 +124,16 @@ class MFAC(Optimizer):
                 p.add_(step, alpha=-lr)
         return loss
 
+    def apply_masks(self, masks: dict[torch.Tensor, torch.Tensor]) -> None:
+        """Drop pruned coordinates (``masks[param]`` False) from the window and the momentum, so a
+        pruned weight gets exactly zero update; ``OBSPruning`` calls this after each pruning step."""
+        for p, keep in masks.items():
+            buf = self.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                buf.mul_(keep.to(buf.device, buf.dtype))
+        if self._pre is not None:
+            self._pre.fisher.mask_coordinates(self._pre.keep_vector([masks.get(p) for p in self._pre.params]))
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         window = self._pre.state_dict() if self._pre is not None else self._pending
