@@ -6,6 +6,21 @@ import re
 from collections.abc import Iterable, Sequence
 
 
+def name_patterns(params: Sequence[str] | str | None, argname: str = "params") -> list[str] | None:
+    """Normalize a ``params`` argument: ``None`` stays ``None`` (the caller's default selection),
+    a single pattern becomes a list, an empty or non-list value is rejected."""
+    if params is None:
+        return None
+    if isinstance(params, str):
+        params = [params]
+    if not isinstance(params, Sequence) or not params:
+        raise ValueError(
+            f"{argname}={params!r} is invalid: expected None or a non-empty list of parameter names "
+            "or 're:<regex>' patterns."
+        )
+    return list(params)
+
+
 def match_names(names: Iterable[str], patterns: Sequence[str] | str, argname: str = "params") -> list[str]:
     """Names (in their original order) matched by any pattern; every pattern must match something.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from real_gradients import digits_sgd_gradients
 
 from lightning_mfac.fisher import DynamicFisherInverse, StaticFisherInverse
 
@@ -24,37 +25,10 @@ BF16_BOUND = {(128, 1e-5): 1.5e-2}
 BF16_DEFAULT_BOUND = 1e-2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Hundreds of tiny ops: one thread avoids OpenMP hand-offs (and noisy neighbours on CI)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def gradients() -> torch.Tensor:
     """(STEPS, d) float64 gradients of a real SGD run on the digits data set."""
-    from sklearn.datasets import load_digits
-
-    torch.manual_seed(0)
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x / 16.0, dtype=torch.float64)
-    y = torch.tensor(y)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10)).double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    gen = torch.Generator().manual_seed(0)
-    grads = []
-    for _ in range(STEPS):
-        idx = torch.randint(0, len(x), (32,), generator=gen)
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        grads.append(
-            torch.nn.utils.parameters_to_vector([p.grad for p in model.parameters()]).detach().clone()
-        )
-        opt.step()
-    g = torch.stack(grads)
+    g = digits_sgd_gradients(STEPS)
     assert g.shape == (STEPS, 4810)
     # The point of real gradients: consecutive ones are correlated (mean cosine about 0.24 here,
     # against about 1/√d = 0.014 for random vectors), so the window is badly conditioned.

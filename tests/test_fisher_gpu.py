@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from real_gradients import digits_sgd_gradients
 
 from lightning_mfac.fisher import DynamicFisherInverse, StaticFisherInverse
 
@@ -147,25 +148,7 @@ def test_static_paged_peak_memory() -> None:
 @pytest.fixture(scope="module")
 def real_gradients() -> torch.Tensor:
     """Gradients of a real SGD run (MLP on scikit-learn's digits), as in test_fisher_accuracy."""
-    from sklearn.datasets import load_digits
-
-    torch.manual_seed(0)
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x / 16.0, dtype=torch.float64)
-    y = torch.tensor(y)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10)).double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    gen = torch.Generator().manual_seed(0)
-    grads = []
-    for _ in range(150):
-        idx = torch.randint(0, len(x), (32,), generator=gen)
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        grads.append(
-            torch.nn.utils.parameters_to_vector([p.grad for p in model.parameters()]).detach().clone()
-        )
-        opt.step()
-    return torch.stack(grads)
+    return digits_sgd_gradients(150)
 
 
 @pytest.mark.parametrize("matmul_precision", ["highest", "high"])

@@ -18,15 +18,6 @@ from lightning_mfac.pruning import gradual_schedule, prune_count
 WEIGHTS = ["net.0.weight", "net.3.weight", "net.5.weight"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: a second intra-op thread only adds spin-waiting on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _digits(n: int = 192) -> TensorDataset:
     from sklearn.datasets import load_digits
 

@@ -17,15 +17,6 @@ from lightning_mfac.pruning import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: a second intra-op thread only adds spin-waiting on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ConvNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -34,6 +34,7 @@ from lightning_mfac.pruning.oneshot import (
 )
 from lightning_mfac.pruning.schedule import check_ngrads, gradual_schedule, ngrads_for, recomputation_targets
 from lightning_mfac.pruning.selection import check_nm, parse_pattern, select_parameters
+from lightning_mfac.selection import name_patterns
 
 __all__ = ["OBSPruning"]
 
@@ -143,11 +144,7 @@ class OBSPruning(Callback):
         self.block_size = None if block_size is None else check.positive_int("block_size", block_size)
         self.recomputations = check.positive_int("recomputations", recomputations)
         self.scope = check.one_of("scope", scope, SCOPES)
-        if isinstance(params, str):
-            params = [params]
-        if params is not None and not params:
-            raise ValueError("params=[] is invalid: expected None (Linear/Conv weights) or names/'re:' patterns.")
-        self.params = None if params is None else list(params)
+        self.params = name_patterns(params)
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"loss_fn={loss_fn!r} is invalid: expected None or a callable loss_fn(pl_module, batch).")
         self.loss_fn = loss_fn

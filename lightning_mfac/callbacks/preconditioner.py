@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_mfac import _validation as check
 from lightning_mfac.fisher.storage import STORAGES
 from lightning_mfac.optim.flat import FlatPreconditioner
-from lightning_mfac.selection import match_names
+from lightning_mfac.selection import match_names, name_patterns
 
 
 class MFACPreconditioner(Callback):
@@ -69,11 +69,7 @@ class MFACPreconditioner(Callback):
         check.window_dtype("window_dtype", window_dtype)
         self.window_dtype = window_dtype
         self.storage = check.one_of("storage", storage, STORAGES)
-        if isinstance(params, str):
-            params = [params]
-        if params is not None and not params:
-            raise ValueError("params=[] is invalid: expected None (all trainable parameters) or names/'re:' patterns.")
-        self.params = None if params is None else list(params)
+        self.params = name_patterns(params)
         if isinstance(optimizers, int):
             optimizers = [optimizers]
         if optimizers is not None:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lightning_mfac.selection import match_names
+from lightning_mfac.selection import match_names, name_patterns
 
 __all__ = ["check_nm", "parse_pattern", "row_length", "select_parameters"]
 
@@ -56,14 +56,7 @@ def select_parameters(model: nn.Module, params: Sequence[str] | None = None) -> 
                 "pass params as a list of parameter names or 're:<regex>' patterns."
             )
     else:
-        if isinstance(params, str):
-            params = [params]
-        if not isinstance(params, Sequence) or not params:
-            raise ValueError(
-                f"params={params!r} is invalid: expected None or a non-empty list of parameter names "
-                "or 're:<regex>' patterns."
-            )
-        chosen = set(match_names(named, params, "params"))
+        chosen = set(match_names(named, name_patterns(params), "params"))
     out = {n: p for n, p in named.items() if n in chosen}
     for name, p in out.items():
         if not p.is_floating_point():
