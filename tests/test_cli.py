@@ -146,3 +146,11 @@ def test_ddp_cpu_run(tmp_path):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("MFACPreconditioner")]
     assert state["preconditioners"][0]["fisher"]["count"] == 4
+
+
+@pytest.mark.parametrize(("group", "needle"), [("hparams_search=optuna", "OptunaSweeper"), ("launcher=slurm", "submitit")])
+def test_sweep_and_launcher_configs_compose(group, needle):
+    with initialize_config_module("lightning_mfac.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[group], return_hydra_config=True)
+    node = cfg.hydra.sweeper if "optuna" in group else cfg.hydra.launcher
+    assert needle in str(node._target_)

@@ -176,3 +176,18 @@ def test_ddp_sharded_equals_single_process(tmp_path):
     assert out["ddp"]["storage"] == "ShardedWindow"
     assert out["single"]["storage"] == "DeviceWindow"
     assert torch.allclose(out["ddp"]["params"], out["single"]["params"], rtol=0, atol=1e-10)
+
+
+def test_16_mixed_nonfinite_step_is_left_to_the_grad_scaler(tmp_path):
+    # Lightning maps "16-mixed" to bf16 on CPU; the plugin with a real GradScaler runs the fp16 path.
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    callback = MFACPreconditioner(ngrads=4, damp=1e-2)
+    module = TinyClassifier(nan_at_step=2)
+    with pytest.warns(UserWarning, match="left to the AMP grad scaler"):
+        _fit(tmp_path, module, [callback], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], max_steps=6)
+    assert callback.nonfinite_steps == 1
+    assert callback._pre[0].fisher.count == 5
+    assert scaler.get_scale() == 2.0**7  # the scaler saw the inf and skipped that step
+    assert torch.isfinite(flat_params(module)).all()
