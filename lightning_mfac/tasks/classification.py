@@ -93,7 +93,11 @@ class Task(pl.LightningModule):
         if self.optimizer_factory is None:
             optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
         else:
-            optimizer = self.optimizer_factory(params)
+            from lightning_mfac.optim.baselines import needs_model
+
+            # SINGD hooks the model's layers and Muon splits by layer role: they get the model too.
+            extra = {"model": self.model} if needs_model(self.optimizer_factory) else {}
+            optimizer = self.optimizer_factory(params, **extra)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
