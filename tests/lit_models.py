@@ -66,20 +66,22 @@ class TinyClassifier(pl.LightningModule):
         return DataLoader(classification_data(features=self.hparams.features), batch_size=self.hparams.batch_size)
 
 
-def make_trainer(tmp_path, **kwargs) -> pl.Trainer:
-    defaults = dict(
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar or summary; ``kwargs`` override."""
+    options = dict(
         accelerator="cpu",
         devices=1,
-        max_steps=6,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        deterministic=True,
     )
-    defaults.update(kwargs)
-    return pl.Trainer(**defaults)
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def make_trainer(tmp_path, **kwargs) -> pl.Trainer:
+    return quiet_trainer(**{"max_steps": 6, "default_root_dir": str(tmp_path), "deterministic": True, **kwargs})
 
 
 def flat_params(module: torch.nn.Module) -> torch.Tensor:

@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+from lit_models import quiet_trainer
 from torch import nn
 
 pytest.importorskip("singd")
@@ -38,20 +39,8 @@ def _compose(overrides: list[str]):
 
 
 def _trainer(**kwargs) -> pl.Trainer:
-    options = dict(
-        max_steps=2,
-        limit_train_batches=2,
-        limit_val_batches=1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
+    options = dict(max_steps=2, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0)
+    return quiet_trainer(**{**options, **kwargs})
 
 
 class Mixed(nn.Module):

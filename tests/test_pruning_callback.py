@@ -9,6 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
+from lit_models import make_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -75,20 +76,7 @@ class DigitsMLP(pl.LightningModule):
 
 
 def _trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
-    args = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        deterministic=True,
-        callbacks=callbacks,
-    )
-    args.update(kwargs)
-    return pl.Trainer(**args)
+    return make_trainer(tmp_path, **{"callbacks": callbacks, "max_epochs": 4, "max_steps": -1, **kwargs})
 
 
 class MaskProbe(Callback):

@@ -8,6 +8,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+from lit_models import quiet_trainer
 
 from lightning_mfac.data import DigitsDataModule, GLUEDataModule, TextCorpusDataModule
 from lightning_mfac.models import bert_classifier, gpt_lm, quickstart_cnn
@@ -15,21 +16,9 @@ from lightning_mfac.tasks import ImageClassifier, LanguageModel, SequenceClassif
 
 
 def tiny_trainer(**kwargs) -> pl.Trainer:
-    options = dict(
-        max_steps=3,
-        limit_train_batches=3,  # the epoch ends at step 3, so validation runs once
-        limit_val_batches=2,
-        limit_test_batches=2,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
+    # The epoch ends at step 3, so validation runs once.
+    options = dict(max_steps=3, limit_train_batches=3, limit_val_batches=2, limit_test_batches=2, num_sanity_val_steps=0)
+    return quiet_trainer(**{**options, **kwargs})
 
 
 def test_image_classifier_fit_and_test():
