@@ -191,3 +191,15 @@ def test_16_mixed_nonfinite_step_is_left_to_the_grad_scaler(tmp_path):
     assert callback._pre[0].fisher.count == 5
     assert scaler.get_scale() == 2.0**7  # the scaler saw the inf and skipped that step
     assert torch.isfinite(flat_params(module)).all()
+
+
+def test_parameter_set_changed_after_window_built_is_an_error(tmp_path):
+    class Growing(TinyClassifier):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 2 and not hasattr(self, "extra"):
+                self.extra = torch.nn.Parameter(torch.zeros(3))
+                self.trainer.optimizers[0].add_param_group({"params": [self.extra]})
+            return super().training_step(batch, batch_idx) + (self.extra.sum() if hasattr(self, "extra") else 0)
+
+    with pytest.raises(RuntimeError, match="changed after the M-FAC window was built"):
+        _fit(tmp_path, Growing(), [MFACPreconditioner(ngrads=2)], max_steps=4)

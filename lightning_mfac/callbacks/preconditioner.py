@@ -84,6 +84,7 @@ class MFACPreconditioner(Callback):
         self.refactor_every = refactor_every
         self._pre: dict[int, FlatPreconditioner] = {}
         self._names: dict[int, list[str]] = {}
+        self._signatures: dict[int, tuple[int, ...]] = {}
         self._pending: dict[int, dict[str, Any]] = {}
         self.nonfinite_steps = 0
 
@@ -173,8 +174,14 @@ class MFACPreconditioner(Callback):
     def _preconditioner(
         self, idx: int, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> FlatPreconditioner:
-        names, params = self._select(pl_module, optimizer)
         pre = self._pre.get(idx)
+        # Re-selecting walks every named parameter; skip it on the hot path unless the optimizer's
+        # parameter lists changed since the window was built.
+        signature = tuple(len(group["params"]) for group in optimizer.param_groups)
+        if pre is not None and self._signatures.get(idx) == signature:
+            return pre
+        names, params = self._select(pl_module, optimizer)
+        self._signatures[idx] = signature
         if pre is None:
             pre = self._pre[idx] = FlatPreconditioner(
                 params,
