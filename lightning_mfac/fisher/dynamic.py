@@ -133,7 +133,7 @@ class DynamicFisherInverse:
         out = self._apply(cols, self.window.dots(cols))
         return out.reshape(x.shape).to(self._out_dtype(x))
 
-    def update_mul(self, g: torch.Tensor) -> torch.Tensor:
+    def update_mul(self, g: torch.Tensor, *, skip_nonfinite: bool = False) -> torch.Tensor | None:
         """``update(g)``, then ``F⁻¹ g`` for ``g`` as stored in the window: two reads of the window.
 
         For float32 and float64 windows this is ``update(g)`` followed by ``mul(g)``. A bfloat16
@@ -141,8 +141,13 @@ class DynamicFisherInverse:
         outside the window's span, where ``F⁻¹`` is ``1/λ``, so ``F⁻¹g`` would be dominated by the
         quantization noise amplified by ``1/λ`` (measured: up to 2.4× the true ``‖F⁻¹g‖`` at
         ``λ=1e-5``, against 1e-2 relative error for ``F⁻¹ĝ``).
+
+        A non-finite ``g`` raises ``ValueError``; with ``skip_nonfinite=True`` it returns ``None``
+        instead and leaves the window untouched (what a training loop wants, at one check of ``g``).
         """
-        cols = self._as_columns(g, "g", allow_matrix=False)
+        if skip_nonfinite and not bool(torch.isfinite(g).all()):
+            return None
+        cols = self._as_columns(g, "g", allow_matrix=False, finite_checked=skip_nonfinite)
         j = self.slot
         self._insert(cols)
         # F⁻¹ gⱼ = m·Gᵀ S⁻¹ eⱼ (see the module docstring): no cancellation against g.
@@ -162,13 +167,16 @@ class DynamicFisherInverse:
     def _out_dtype(self, x: torch.Tensor) -> torch.dtype:
         return torch.promote_types(x.dtype, torch.float32)
 
-    def _as_columns(self, x: torch.Tensor, name: str, allow_matrix: bool) -> torch.Tensor:
+    def _as_columns(
+        self, x: torch.Tensor, name: str, allow_matrix: bool, finite_checked: bool = False
+    ) -> torch.Tensor:
         check.float_tensor(name, x, (1, 2) if allow_matrix else (1,))
         if x.shape[0] != self.dim:
             raise ValueError(f"{name} has shape {tuple(x.shape)}: expected first dimension d={self.dim}.")
         if x.device != self.device:
             raise ValueError(f"{name} is on {x.device}: expected the inverse's device {self.device}.")
-        check.finite_tensor(name, x)
+        if not finite_checked:
+            check.finite_tensor(name, x)
         x = x.detach()
         return (x if x.dim() == 2 else x.unsqueeze(1)).to(self.cdtype)
 

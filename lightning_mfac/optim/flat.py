@@ -87,9 +87,7 @@ class FlatPreconditioner:
 
     def precondition(self, g: torch.Tensor) -> torch.Tensor | None:
         """``F⁻¹g`` after adding ``g`` to the window, or ``None`` (window untouched) if ``g`` is not finite."""
-        if not bool(torch.isfinite(g).all()):
-            return None
-        return self.fisher.update_mul(g)
+        return self.fisher.update_mul(g, skip_nonfinite=True)
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """``flat`` split into tensors shaped like the parameters."""
