@@ -1,0 +1,79 @@
+"""How and where the gradient window is stored and multiplied: one frozen, validated object.
+
+Every layer that holds a window (``DynamicFisherInverse``, ``StaticFisherInverse``, ``MFAC``,
+``MFACPreconditioner``, ``oneshot_prune``/``OBSPruning``) takes a :class:`WindowConfig` instead of
+repeating the settings, and validation happens here, once, when the config is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lightning_mfac import _validation as check
+from lightning_mfac.fisher.kernels import KERNELS
+
+STORAGES = ("auto", "device", "paged", "sharded")
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    """Settings of an ``m × d`` gradient window.
+
+    Args:
+        dtype: storage dtype of the window: ``None`` (float64 for float64 parameters, else float32),
+            ``torch.float32``/``"float32"``, ``torch.bfloat16``/``"bfloat16"`` (half the memory and
+            traffic, relative error ~1e-2) or ``torch.float64`` (references).
+        storage: ``"device"`` (on the compute device), ``"paged"`` (pinned host memory streamed to the
+            device in pages), ``"sharded"`` (1/world of the coordinates per rank) or ``"auto"``.
+        page_cols: columns per page of a paged window (default: from the page budget).
+        page_budget_bytes: device memory for the pages in flight of a paged window.
+        refactor_every: steps between fresh factorizations of ``S`` (default: the window size ``m``).
+        kernels: implementation of the window passes: ``"auto"``, ``"triton"``, ``"cpu"`` or ``"torch"``.
+        process_group: ``torch.distributed`` group of a sharded window (default: the world).
+    """
+
+    dtype: torch.dtype | None = None
+    storage: str = "auto"
+    page_cols: int | None = None
+    page_budget_bytes: int | None = None
+    refactor_every: int | None = None
+    kernels: str = "auto"
+    process_group: Any = dataclasses.field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None:
+            object.__setattr__(self, "dtype", check.window_dtype("dtype", self.dtype))
+        check.one_of("storage", self.storage, STORAGES)
+        check.one_of("kernels", self.kernels, KERNELS)
+        for name in ("page_cols", "page_budget_bytes", "refactor_every"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, check.positive_int(name, value))
+
+    def resolved_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
+        """The window dtype for parameters of ``param_dtype``."""
+        if self.dtype is not None:
+            return self.dtype
+        return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+    def replace(self, **changes: Any) -> WindowConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def coerce(cls, value: WindowConfig | dict[str, Any] | None) -> WindowConfig:
+        """Accept a config, a plain mapping of its fields (e.g. from Hydra), or ``None`` (defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict) or hasattr(value, "items"):
+            fields = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(value) - fields)
+            if unknown:
+                raise ValueError(f"window: unknown setting(s) {unknown}: expected some of {sorted(fields)}.")
+            return cls(**dict(value.items()))
+        raise TypeError(f"window={value!r}: expected a WindowConfig, a mapping of its fields, or None.")
