@@ -22,9 +22,13 @@ Implementations (``kernels=`` everywhere in the package):
 
 from __future__ import annotations
 
+import warnings
 from typing import Protocol
 
 import torch
+
+from lightning_mfac.fisher.kernels._checks import WINDOW_DTYPES, default_out_dtype
+from lightning_mfac.fisher.kernels.reference import TorchKernels
 
 KERNELS = ("auto", "triton", "cpu", "torch")
 
@@ -45,61 +49,66 @@ class WindowKernels(Protocol):
     def gram(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
-def default_out_dtype(window_dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if window_dtype == torch.float64 else torch.float32
+__all__ = [
+    "KERNELS",
+    "WINDOW_DTYPES",
+    "TorchKernels",
+    "WindowKernels",
+    "default_out_dtype",
+    "resolve_kernels",
+]
+
+_warned_no_numba = False
 
 
-#: Float64 elements of one widened tile in the reference path (2 MiB): bounds its temporaries.
-_TILE_ELEMS = 1 << 18
-
-
-class TorchKernels:
-    """Reference path: widen a bounded column tile to float64, multiply with BLAS."""
-
-    name = "torch"
-
-    def _tiles(self, rows: torch.Tensor):
-        m, n = rows.shape
-        cols = max(1, _TILE_ELEMS // max(m, 1))
-        for c0 in range(0, n, cols):
-            c1 = min(n, c0 + cols)
-            yield c0, c1, rows[:, c0:c1].to(torch.float64)
-
-    def dots(self, rows, x, out=None):
-        vec = x.dim() == 1
-        x2 = x.reshape(x.shape[0], -1)
-        res = torch.zeros(rows.shape[0], x2.shape[1], dtype=torch.float64, device=rows.device)
-        for c0, c1, tile in self._tiles(rows):
-            res += tile @ x2[c0:c1].to(torch.float64)
-        res = res.squeeze(1) if vec else res
-        if out is None:
-            return res
-        return out.add_(res)
-
-    def combine(self, rows, coeffs, out=None, out_dtype=None):
-        vec = coeffs.dim() == 1
-        c2 = coeffs.reshape(coeffs.shape[0], -1).to(torch.float64)
-        dtype = out_dtype or (out.dtype if out is not None else default_out_dtype(rows.dtype))
-        res = torch.empty(rows.shape[1], c2.shape[1], dtype=dtype, device=rows.device)
-        for c0, c1, tile in self._tiles(rows):
-            res[c0:c1] = tile.t() @ c2
-        res = res.squeeze(1) if vec else res
-        if out is None:
-            return res
-        return out.copy_(res)
-
-    def gram(self, rows, out=None):
-        m = rows.shape[0]
-        res = torch.zeros(m, m, dtype=torch.float64, device=rows.device) if out is None else out
-        for _, _, tile in self._tiles(rows):
-            res += tile @ tile.t()
-        return res
+def _cpu_kernels(explicit: bool) -> WindowKernels:
+    global _warned_no_numba
+    try:
+        from lightning_mfac.fisher.kernels.cpu import CpuKernels
+    except ImportError as exc:
+        if explicit:
+            raise ImportError(
+                f"kernels='cpu' needs numba, which could not be imported ({exc}); install numba>=0.59 "
+                "or choose kernels='torch' (the reference path, about 2-3x slower on the CPU)."
+            ) from exc
+        if not _warned_no_numba:
+            _warned_no_numba = True
+            warnings.warn(
+                f"kernels='auto' on the CPU: numba could not be imported ({exc}); using the slower "
+                "reference path kernels='torch'. Install numba>=0.59 for the fused CPU kernel.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return TorchKernels()
+    return CpuKernels()
 
 
 def resolve_kernels(name: str, device: torch.device | str | None = None) -> WindowKernels:
-    """The kernels called ``name`` (one of :data:`KERNELS`) for tensors on ``device``."""
+    """The kernels called ``name`` (one of :data:`KERNELS`) for tensors on ``device`` (default: CPU)."""
     if name not in KERNELS:
-        raise ValueError(f"kernels={name!r} is not supported: expected one of {', '.join(map(repr, KERNELS))}.")
-    # The fused CPU and Triton implementations are added by the engine work; until then every name
-    # resolves to the reference path, which has the same contract.
+        raise ValueError(
+            f"kernels={name!r} is not supported: expected one of {', '.join(map(repr, KERNELS))}."
+        )
+    device = torch.device("cpu" if device is None else device)
+    if name == "torch":
+        return TorchKernels()
+    if name == "auto":
+        if device.type == "cuda":
+            return _triton_kernels()
+        if device.type == "cpu":
+            return _cpu_kernels(explicit=False)
+        return TorchKernels()  # any other accelerator: the portable reference path
+    if name == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"kernels='cpu' runs on CPU tensors only, got device={device}.")
+        return _cpu_kernels(explicit=True)
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(
+            f"kernels='triton' runs on CUDA tensors (or CPU tensors, interpreted), got device={device}."
+        )
+    return _triton_kernels()
+
+
+def _triton_kernels() -> WindowKernels:
+    # The Triton kernels land in the next change; until then the reference path keeps the contract.
     return TorchKernels()

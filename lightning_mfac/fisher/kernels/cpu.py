@@ -1,0 +1,301 @@
+"""Fused CPU window passes (numba): one read of the stored window, float64 accumulation.
+
+A window pass is bound by memory bandwidth, so the only way to accumulate in float64 at the cost of a
+float32 GEMV is to never materialize a float64 copy of the window: each stored value (float32,
+bfloat16 or float64) is widened to float64 in a register, multiplied and summed there.
+
+* bfloat16 has no numpy dtype: the window is handed over as its raw 16-bit patterns and widened from
+  its bits (a bfloat16 is the upper half of a float32), inside the loop.
+* The window is handed over as one flat contiguous array plus its row stride ``ld`` (BLAS style), so
+  that a column-slice view of a bigger window costs nothing and the inner loops are unit-stride, which
+  lets LLVM vectorize them.
+* ``dots`` (``G x``) sweeps a column tile of ``x`` (kept in L1) across 4 rows at a time, each with its
+  own float64 sum; ``combine`` (``Gᵀ c``) keeps float64 accumulators for one column tile (in L1)
+  and adds 8 rows per sweep into them (one load and store of an accumulator per 8 values read).
+* ``gram`` (``G Gᵀ``) does ``m`` multiply-adds per value read, so it is bound by arithmetic, not by
+  reading the window: a bounded column tile is widened into a float64 buffer here and multiplied
+  with float64 BLAS (``torch.addmm``), which a hand-written loop would not beat.
+
+Single-threaded and deterministic: the summation order depends only on the shapes. Reassociation is
+allowed inside a tile (``fastmath={"reassoc", "contract"}``) so that the reductions vectorize; NaN
+and infinity still propagate (no ``nnan``/``ninf``). Compiled on first use and cached on disk.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import types
+from numba.core.errors import TypingError
+from numba.extending import intrinsic, overload
+
+from lightning_mfac.fisher.kernels import _checks
+from lightning_mfac.fisher.kernels.reference import TorchKernels
+
+_FASTMATH = {"reassoc", "contract"}
+_JIT = {"cache": True, "nogil": True, "fastmath": _FASTMATH, "error_model": "numpy"}
+
+#: Columns of ``x`` per sweep in ``dots``: 2048 float64 values (16 KiB) stay in L1 next to 4 rows.
+DOTS_TILE = 2048
+#: Accumulators per tile in ``combine``: 4096 float64 values (32 KiB) stay in L1 next to 8 row tiles.
+COMBINE_TILE = 4096
+#: Float64 elements of the widened tile in ``gram`` (2 MiB): bounded, independent of ``n``.
+GRAM_TILE_ELEMS = 1 << 18
+
+
+@intrinsic
+def _bf16_bits_to_f64(typingctx, bits):
+    """The float64 value of the bfloat16 whose 16 bits are ``bits`` (an int16): zero-extend, shift
+    into the upper half of a float32, reinterpret, widen. Exact, and all in registers."""
+    if not isinstance(bits, types.Integer) or bits.bitwidth != 16:
+        raise TypingError("_bf16_bits_to_f64 expects a 16-bit integer")
+
+    def codegen(context, builder, signature, args):
+        word = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.fpext(builder.bitcast(word, ir.FloatType()), ir.DoubleType())
+
+    return types.float64(bits), codegen
+
+
+def _widen(v):  # pragma: no cover - replaced by the overload below inside compiled code
+    raise NotImplementedError
+
+
+@overload(_widen, inline="always")
+def _widen_impl(v):
+    if isinstance(v, types.Integer) and v.bitwidth == 16:
+        return lambda v: _bf16_bits_to_f64(v)
+    if isinstance(v, types.Float):
+        return lambda v: np.float64(v)
+    return None
+
+
+# Every inner loop runs over a slice starting at 0: numba then knows the index is non-negative and drops
+# its wrap-around handling, which is what lets LLVM vectorize the loop (3x faster when it cannot).
+
+
+@numba.njit(**_JIT)
+def _dots_vec(g, ld, m, n, x, out):
+    """``out[r] += Σ_j g[r·ld + j] · x[j]`` for ``r < m``, ``j < n``: 4 rows per sweep of an ``x`` tile."""
+    for c0 in range(0, n, DOTS_TILE):
+        w = min(DOTS_TILE, n - c0)
+        xs = x[c0 : c0 + w]
+        r = 0
+        while r + 4 <= m:
+            b = r * ld + c0
+            g0 = g[b : b + w]
+            g1 = g[b + ld : b + ld + w]
+            g2 = g[b + 2 * ld : b + 2 * ld + w]
+            g3 = g[b + 3 * ld : b + 3 * ld + w]
+            s0 = 0.0
+            s1 = 0.0
+            s2 = 0.0
+            s3 = 0.0
+            for j in range(w):
+                xj = np.float64(xs[j])
+                s0 += _widen(g0[j]) * xj
+                s1 += _widen(g1[j]) * xj
+                s2 += _widen(g2[j]) * xj
+                s3 += _widen(g3[j]) * xj
+            out[r] += s0
+            out[r + 1] += s1
+            out[r + 2] += s2
+            out[r + 3] += s3
+            r += 4
+        while r < m:
+            b = r * ld + c0
+            g0 = g[b : b + w]
+            s0 = 0.0
+            for j in range(w):
+                s0 += _widen(g0[j]) * np.float64(xs[j])
+            out[r] += s0
+            r += 1
+
+
+@numba.njit(**_JIT)
+def _dots_mat(g, ld, m, n, xt, out):
+    """``out[r, i] += Σ_j g[r·ld + j] · xt[i, j]`` (``xt`` is ``xᵀ``, ``(k, n)`` contiguous float64)."""
+    k = xt.shape[0]
+    for c0 in range(0, n, DOTS_TILE):
+        w = min(DOTS_TILE, n - c0)
+        for r in range(m):
+            b = r * ld + c0
+            g0 = g[b : b + w]
+            for i in range(k):
+                xs = xt[i, c0 : c0 + w]
+                s = 0.0
+                for j in range(w):
+                    s += _widen(g0[j]) * xs[j]
+                out[r, i] += s
+
+
+@numba.njit(**_JIT)
+def _combine_vec(g, ld, m, n, c, out):
+    """``out[j] = Σ_r g[r·ld + j] · c[r]``: float64 accumulators for a column tile, 8 rows added per
+    sweep, rounded once to ``out``'s dtype."""
+    acc = np.empty(COMBINE_TILE, dtype=np.float64)
+    for c0 in range(0, n, COMBINE_TILE):
+        w = min(COMBINE_TILE, n - c0)
+        a = acc[:w]
+        for j in range(w):
+            a[j] = 0.0
+        r = 0
+        while r + 8 <= m:
+            b = r * ld + c0
+            g0 = g[b : b + w]
+            g1 = g[b + ld : b + ld + w]
+            g2 = g[b + 2 * ld : b + 2 * ld + w]
+            g3 = g[b + 3 * ld : b + 3 * ld + w]
+            g4 = g[b + 4 * ld : b + 4 * ld + w]
+            g5 = g[b + 5 * ld : b + 5 * ld + w]
+            g6 = g[b + 6 * ld : b + 6 * ld + w]
+            g7 = g[b + 7 * ld : b + 7 * ld + w]
+            k0, k1, k2, k3 = c[r], c[r + 1], c[r + 2], c[r + 3]
+            k4, k5, k6, k7 = c[r + 4], c[r + 5], c[r + 6], c[r + 7]
+            for j in range(w):
+                a[j] += (
+                    _widen(g0[j]) * k0 + _widen(g1[j]) * k1 + _widen(g2[j]) * k2 + _widen(g3[j]) * k3
+                ) + (_widen(g4[j]) * k4 + _widen(g5[j]) * k5 + _widen(g6[j]) * k6 + _widen(g7[j]) * k7)
+            r += 8
+        while r < m:
+            b = r * ld + c0
+            g0 = g[b : b + w]
+            k0 = c[r]
+            for j in range(w):
+                a[j] += _widen(g0[j]) * k0
+            r += 1
+        o = out[c0 : c0 + w]
+        for j in range(w):
+            o[j] = a[j]
+
+
+@numba.njit(**_JIT)
+def _combine_mat(g, ld, m, n, c, out):
+    """``out[j, i] = Σ_r g[r·ld + j] · c[r, i]`` (``c`` is ``(m, k)``, ``out`` is ``(n, k)``)."""
+    k = c.shape[1]
+    tile = max(1, COMBINE_TILE // k)
+    acc = np.empty((k, tile), dtype=np.float64)
+    for c0 in range(0, n, tile):
+        w = min(tile, n - c0)
+        for i in range(k):
+            a = acc[i, :w]
+            for j in range(w):
+                a[j] = 0.0
+        for r in range(m):
+            b = r * ld + c0
+            g0 = g[b : b + w]
+            for i in range(k):
+                a = acc[i, :w]
+                k0 = c[r, i]
+                for j in range(w):
+                    a[j] += _widen(g0[j]) * k0
+        for j in range(w):
+            for i in range(k):
+                out[c0 + j, i] = acc[i, j]
+
+
+@numba.njit(**_JIT)
+def _widen_tile(g, ld, m, c0, w, buf):
+    """``buf[r, j] = float64(g[r·ld + c0 + j])`` for a ``(m, w)`` tile."""
+    for r in range(m):
+        b = r * ld + c0
+        g0 = g[b : b + w]
+        dst = buf[r, :w]
+        for j in range(w):
+            dst[j] = _widen(g0[j])
+
+
+def _flat(rows: torch.Tensor) -> tuple[np.ndarray, int] | None:
+    """``rows`` (non-empty) as one flat contiguous numpy array plus its row stride, or ``None`` when
+    its columns are not unit-stride (then the caller takes the reference path)."""
+    m, n = rows.shape
+    ld = rows.stride(0) if m > 1 else n
+    if (rows.stride(1) != 1 and n > 1) or ld < n or rows.device.type != "cpu":
+        return None
+    rows = rows.detach()
+    if rows.dtype == torch.bfloat16:
+        rows = rows.view(torch.int16)
+    flat = torch.as_strided(rows, ((m - 1) * ld + n,), (1,), rows.storage_offset())
+    return flat.numpy(), ld
+
+
+def _f64_out(out: torch.Tensor | None, shape: tuple[int, ...], device) -> tuple[torch.Tensor, bool]:
+    """A float64 contiguous array to accumulate into: ``out`` itself when it is one."""
+    if out is not None and out.dtype == torch.float64 and out.is_contiguous():
+        return out, True
+    return torch.zeros(shape, dtype=torch.float64, device=device), False
+
+
+class CpuKernels:
+    """The fused numba passes (see the module docstring)."""
+
+    name = "cpu"
+
+    def __init__(self) -> None:
+        self._reference = TorchKernels()
+
+    def dots(self, rows, x, out=None):
+        _checks.dots(rows, x, out)
+        flat = _flat(rows) if rows.numel() else None
+        if flat is None:
+            return self._reference.dots(rows, x, out)
+        g, ld = flat
+        m, n = rows.shape
+        vec = x.dim() == 1
+        shape = (m,) if vec else (m, x.shape[1])
+        acc, inplace = _f64_out(out, shape, rows.device)
+        if vec:
+            xv = x if x.dtype in (torch.float32, torch.float64) else x.to(torch.float64)
+            _dots_vec(g, ld, m, n, xv.detach().contiguous().numpy(), acc.detach().numpy())
+        else:
+            xt = x.detach().t().to(torch.float64).contiguous()
+            _dots_mat(g, ld, m, n, xt.numpy(), acc.detach().numpy())
+        if out is None or inplace:
+            return acc
+        return out.add_(acc)
+
+    def combine(self, rows, coeffs, out=None, out_dtype=None):
+        _checks.combine(rows, coeffs, out, out_dtype)
+        flat = _flat(rows) if rows.numel() else None
+        if flat is None:
+            return self._reference.combine(rows, coeffs, out, out_dtype)
+        g, ld = flat
+        m, n = rows.shape
+        vec = coeffs.dim() == 1
+        shape = (n,) if vec else (n, coeffs.shape[1])
+        dtype = _checks.combine_dtype(rows, out, out_dtype)
+        direct = dtype in (torch.float32, torch.float64)
+        if out is not None and out.dtype == dtype and direct and out.is_contiguous():
+            res = out
+        else:
+            res = torch.empty(shape, dtype=dtype if direct else torch.float32, device=rows.device)
+        c = coeffs.detach().to(torch.float64).contiguous().numpy()
+        (_combine_vec if vec else _combine_mat)(g, ld, m, n, c, res.detach().numpy())
+        if res is out:
+            return out
+        if out is not None:
+            return out.copy_(res)
+        return res if direct else res.to(dtype)
+
+    def gram(self, rows, out=None):
+        _checks.gram(rows, out)
+        m, n = rows.shape
+        res = torch.zeros(m, m, dtype=torch.float64, device=rows.device) if out is None else out
+        if rows.dtype == torch.float64:
+            # Nothing to widen: BLAS reads the (strided) window in place.
+            return res.addmm_(rows, rows.t()) if n else res
+        flat = _flat(rows) if rows.numel() else None
+        if flat is None:
+            return self._reference.gram(rows, res)
+        g, ld = flat
+        cols = max(1, min(n, GRAM_TILE_ELEMS // max(m, 1)))
+        buf = torch.empty(m * cols, dtype=torch.float64)
+        view = buf.numpy()
+        for c0 in range(0, n, cols):
+            w = min(cols, n - c0)
+            tile = buf[: m * w].view(m, w)
+            _widen_tile(g, ld, m, c0, w, view[: m * w].reshape(m, w))
+            res.addmm_(tile, tile.t())
+        return res

@@ -1,0 +1,273 @@
+"""The window passes (fisher/kernels): every implementation against float64 dense references.
+
+``"triton"`` runs here on CPU tensors, through the Triton interpreter, so the arithmetic of the CUDA
+kernels is checked in CI without a GPU; ``"cpu"`` is the fused numba kernel; ``"torch"`` the
+reference path. Each is checked for every stored width, for vectors and blocks of vectors, on
+contiguous windows and on column-slice views (the pages of a bigger window), and on a window of real
+training gradients: ``F⁻¹g`` through the passes must stay within 1e-6 of float64 for a float32
+window (1e-2 for bfloat16, its quantization).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import pytest
+import torch
+from real_gradients import digits_sgd_gradients
+
+from lightning_mfac.fisher import kernels as kernels_mod
+from lightning_mfac.fisher.kernels import resolve_kernels
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_NUMBA = importlib.util.find_spec("numba") is not None
+needs_triton = pytest.mark.skipif(
+    not HAS_TRITON, reason="triton is not installed (it ships with torch on Linux)"
+)
+needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed")
+
+IMPLS = [
+    pytest.param("torch", id="torch"),
+    pytest.param("cpu", id="cpu", marks=needs_numba),
+    pytest.param("triton", id="triton", marks=pytest.mark.skip(reason="Triton kernels land next")),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+#: Relative error of a float64-accumulated pass: products of stored values are exact in float64, so
+#: only the float64 summation (and, for ``combine``, the final rounding to ``out_dtype``) remains.
+F64_TOL = 1e-13
+
+
+def window(dtype: torch.dtype, m: int, n: int, sliced: bool, seed: int = 0) -> torch.Tensor:
+    """An ``(m, n)`` window; ``sliced`` makes it a column slice of a wider one (row stride > n)."""
+    gen = torch.Generator().manual_seed(seed)
+    if not sliced:
+        return torch.randn(m, n, generator=gen, dtype=torch.float64).to(dtype)
+    wide = torch.randn(m, n + 37, generator=gen, dtype=torch.float64).to(dtype)
+    view = wide[:, 11 : 11 + n]
+    assert not view.is_contiguous() and view.stride(0) == n + 37
+    return view
+
+
+def relerr(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.to(torch.float64) - ref).norm() / ref.norm())
+
+
+# Odd sizes: row blocks and column tiles with remainders in every kernel.
+M, N, K = 13, 2_500, 3
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [None, K], ids=["vector", "block"])
+@pytest.mark.parametrize("sliced", [False, True], ids=["contiguous", "slice"])
+def test_passes_match_float64(impl: str, dtype: torch.dtype, k: int | None, sliced: bool) -> None:
+    kern = resolve_kernels(impl, "cpu")
+    rows = window(dtype, M, N, sliced)
+    g64 = rows.to(torch.float64)  # the stored values, exactly
+    gen = torch.Generator().manual_seed(1)
+    shape_x = (N,) if k is None else (N, k)
+    shape_c = (M,) if k is None else (M, k)
+    x = torch.randn(shape_x, generator=gen, dtype=torch.float64).to(torch.float32)
+    c = torch.randn(shape_c, generator=gen, dtype=torch.float64)
+
+    d = kern.dots(rows, x)
+    assert d.dtype == torch.float64 and d.shape == (M,) + shape_x[1:]
+    assert relerr(d, g64 @ x.to(torch.float64)) <= F64_TOL
+    # Float64 x as well (the static mul's probe vectors).
+    x64 = x.to(torch.float64) * (1 + 1e-9)
+    assert relerr(kern.dots(rows, x64), g64 @ x64) <= F64_TOL
+
+    ref_c = g64.t() @ c
+    comb = kern.combine(rows, c)
+    assert comb.shape == (N,) + shape_c[1:]
+    assert comb.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    # Rounded once from float64: within half an ulp of the output dtype.
+    assert relerr(comb, ref_c) <= (F64_TOL if dtype == torch.float64 else 6e-8)
+    assert relerr(kern.combine(rows, c, out_dtype=torch.float64), ref_c) <= F64_TOL
+
+    gram = kern.gram(rows)
+    assert gram.dtype == torch.float64 and gram.shape == (M, M)
+    assert relerr(gram, g64 @ g64.t()) <= F64_TOL
+    assert torch.equal(gram, gram.t())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_out_accumulates_for_dots_and_gram_and_is_written_by_combine(impl: str) -> None:
+    kern = resolve_kernels(impl, "cpu")
+    rows = window(torch.float32, M, N, sliced=True)
+    g64 = rows.to(torch.float64)
+    x = torch.randn(N)
+    start = torch.randn(M, dtype=torch.float64)
+    out = start.clone()
+    assert kern.dots(rows, x, out=out) is out
+    assert relerr(out - start, g64 @ x.double()) <= F64_TOL
+
+    gram_out = torch.eye(M, dtype=torch.float64)
+    assert kern.gram(rows, out=gram_out) is gram_out
+    assert relerr(gram_out - torch.eye(M, dtype=torch.float64), g64 @ g64.t()) <= F64_TOL
+
+    c = torch.randn(M, 2, dtype=torch.float64)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        comb_out = torch.full((N, 2), 7.0, dtype=dtype)
+        assert kern.combine(rows, c, out=comb_out) is comb_out
+        assert relerr(comb_out, g64.t() @ c) <= {torch.bfloat16: 4e-3}.get(dtype, 6e-8)
+    # A non-contiguous out (a column of a bigger buffer) is written in place too.
+    buf = torch.zeros(N, 3, dtype=torch.float32)
+    kern.combine(rows, c[:, 0], out=buf[:, 1])
+    assert relerr(buf[:, 1], g64.t() @ c[:, 0]) <= 6e-8 and not buf[:, 0].any() and not buf[:, 2].any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bfloat16_widening_is_exact_for_special_values(impl: str) -> None:
+    """Widened from the bits: signed zeros, subnormals, the extremes and a NaN come out exactly."""
+    kern = resolve_kernels(impl, "cpu")
+    values = torch.tensor(
+        [0.0, -0.0, 1.0, -2.5, 3.0e38, -3.0e38, 1e-40, -9.2e-41, 1.1754944e-38, 65504.0, 0.1, -7.0],
+        dtype=torch.float64,
+    )
+    rows = values.to(torch.bfloat16).reshape(2, 6)
+    exact = rows.to(torch.float64)
+    eye = torch.eye(6, dtype=torch.float64)
+    assert torch.equal(kern.dots(rows, eye), exact)
+    assert torch.equal(
+        kern.combine(rows, torch.eye(2, dtype=torch.float64), out_dtype=torch.float64), exact.t()
+    )
+    nan_rows = rows.clone()
+    nan_rows[1, 3] = float("nan")
+    d = kern.dots(nan_rows, torch.ones(6))
+    assert torch.isfinite(d[0]) and torch.isnan(d[1])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_windows(impl: str) -> None:
+    kern = resolve_kernels(impl, "cpu")
+    assert kern.dots(torch.zeros(0, 5), torch.ones(5)).shape == (0,)
+    assert torch.equal(kern.dots(torch.zeros(3, 0), torch.ones(0)), torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(kern.combine(torch.zeros(0, 4), torch.zeros(0, dtype=torch.float64)), torch.zeros(4))
+    assert torch.equal(kern.gram(torch.zeros(2, 0)), torch.zeros(2, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_input_names_the_parameter(impl: str) -> None:
+    kern = resolve_kernels(impl, "cpu")
+    rows = torch.zeros(4, 6)
+    with pytest.raises(ValueError, match="rows must be a 2-D"):
+        kern.dots(torch.zeros(6), torch.zeros(6))
+    with pytest.raises(TypeError, match=r"rows.dtype=torch.float16 .*float32, bfloat16 or float64"):
+        kern.gram(torch.zeros(4, 6, dtype=torch.float16))
+    with pytest.raises(TypeError, match=r"rows.dtype=torch.int64"):
+        kern.dots(torch.zeros(4, 6, dtype=torch.int64), torch.zeros(6))
+    with pytest.raises(ValueError, match=r"x has 5 rows .*x.shape\[0\] == 6"):
+        kern.dots(rows, torch.zeros(5))
+    with pytest.raises(ValueError, match="x must be 1-D"):
+        kern.dots(rows, torch.zeros(6, 1, 1))
+    with pytest.raises(TypeError, match="x.dtype=torch.int64"):
+        kern.dots(rows, torch.zeros(6, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"coeffs has 3 rows .*coeffs.shape\[0\] == 4"):
+        kern.combine(rows, torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"out has shape \(3,\), expected \(4,\)"):
+        kern.dots(rows, torch.zeros(6), out=torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="out.dtype=torch.float32 .*float64"):
+        kern.gram(rows, out=torch.zeros(4, 4))
+    with pytest.raises(TypeError, match="out_dtype=torch.int32"):
+        kern.combine(rows, torch.zeros(4, dtype=torch.float64), out_dtype=torch.int32)
+    with pytest.raises(TypeError, match="rows must be a torch.Tensor"):
+        kern.gram([[1.0]])
+
+
+def test_resolve_kernels() -> None:
+    assert resolve_kernels("torch").name == "torch"
+    assert resolve_kernels("auto", "cpu").name == ("cpu" if HAS_NUMBA else "torch")
+    with pytest.raises(ValueError, match=r"kernels='numba' is not supported: expected one of 'auto'"):
+        resolve_kernels("numba")
+    with pytest.raises(ValueError, match="kernels='cpu' runs on CPU tensors only"):
+        resolve_kernels("cpu", "cuda")
+
+
+def test_without_numba_auto_falls_back_once_and_cpu_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_numba(name, *args, **kwargs):
+        if name == "numba" or name.startswith("numba.") or name.endswith("kernels.cpu"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_numba)
+    monkeypatch.setattr(kernels_mod, "_warned_no_numba", False)
+    monkeypatch.delitem(__import__("sys").modules, "lightning_mfac.fisher.kernels.cpu", raising=False)
+    with pytest.warns(RuntimeWarning, match="numba could not be imported.*kernels='torch'"):
+        assert resolve_kernels("auto", "cpu").name == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only one warning per process
+        assert resolve_kernels("auto", "cpu").name == "torch"
+    with pytest.raises(ImportError, match="kernels='cpu' needs numba"):
+        resolve_kernels("cpu", "cpu")
+
+
+# --- accuracy of F⁻¹g through the passes, on real gradients ----------------------------------------
+
+STEPS = 150
+REAL_CONFIGS = [(32, 1e-5), (128, 1e-4)]  # (m, damp)
+BOUND = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(scope="module")
+def gradients() -> torch.Tensor:
+    return digits_sgd_gradients(STEPS)
+
+
+def shifted_gram(kern, rows: torch.Tensor, damp: float) -> torch.Tensor:
+    s = kern.gram(rows)
+    s.diagonal().add_(rows.shape[0] * damp)
+    return s
+
+
+def inverse_fisher_times(kern, rows: torch.Tensor, g: torch.Tensor, damp: float) -> torch.Tensor:
+    """``F⁻¹g = (g − Gᵀ S⁻¹ (G g)) / λ`` with ``S = mλI + G Gᵀ``: every pass over ``G`` through ``kern``."""
+    c = torch.linalg.solve(shifted_gram(kern, rows, damp), kern.dots(rows, g))
+    return (g.to(torch.float64) - kern.combine(rows, c, out_dtype=torch.float64)) / damp
+
+
+def inverse_fisher_times_row(kern, rows: torch.Tensor, j: int, damp: float) -> torch.Tensor:
+    """``F⁻¹gⱼ = m·Gᵀ S⁻¹ eⱼ`` for the gradient stored in row ``j`` (the dynamic step's form: no
+    cancellation between nearly equal vectors)."""
+    m = rows.shape[0]
+    e = torch.zeros(m, dtype=torch.float64)
+    e[j] = 1.0
+    return m * kern.combine(
+        rows, torch.linalg.solve(shifted_gram(kern, rows, damp), e), out_dtype=torch.float64
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("m", "damp"), REAL_CONFIGS)
+def test_inverse_fisher_on_real_gradients(
+    gradients: torch.Tensor, impl: str, dtype: torch.dtype, m: int, damp: float
+) -> None:
+    kern = resolve_kernels(impl, "cpu")
+    ref64 = resolve_kernels("torch")
+    g64 = gradients[-m:]
+    # The window as a column-slice view of a wider buffer, as a paged or sharded storage hands it over.
+    d = g64.shape[1]
+    buf = torch.zeros(m, d + 64, dtype=dtype)
+    buf[:, 32 : 32 + d] = g64.to(dtype)
+    rows = buf[:, 32 : 32 + d]
+    fresh = gradients[0]  # a gradient from before the window
+    err = {
+        "fresh": relerr(
+            inverse_fisher_times(kern, rows, fresh.to(torch.float32), damp),
+            inverse_fisher_times(ref64, g64, fresh, damp),
+        ),
+        "in-window": relerr(
+            inverse_fisher_times_row(kern, rows, m - 1, damp), inverse_fisher_times(ref64, g64, g64[-1], damp)
+        ),
+    }
+    print(
+        f"\n[kernels] {impl} {dtype} m={m} damp={damp:g}: F⁻¹g rel err "
+        + ", ".join(f"{k} {v:.2e}" for k, v in err.items())
+    )
+    assert max(err.values()) <= BOUND[dtype], err
