@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_mfac import MFAC, MFACPreconditioner
-from lightning_mfac.optim import muon, shampoo, singd, soap
+from lightning_mfac.app.baselines import muon, shampoo, singd, soap
 
 # ---------------------------------------------------------------------- models
 
@@ -49,7 +49,7 @@ def _image(builder, shape, classes):
 
 
 def model_specs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    from lightning_mfac import models
+    from lightning_mfac.app import models
 
     small = args.device == "cpu"
     size = args.image_size or (32 if small else 224)

@@ -37,10 +37,10 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_mfac import MFAC, MFACPreconditioner
-from lightning_mfac.data import DigitsDataModule
-from lightning_mfac.models import quickstart_cnn
-from lightning_mfac.optim import singd
-from lightning_mfac.tasks import ImageClassifier
+from lightning_mfac.app.baselines import singd
+from lightning_mfac.app.data import DigitsDataModule
+from lightning_mfac.app.models import quickstart_cnn
+from lightning_mfac.app.tasks import ImageClassifier
 
 HERE = Path(__file__).resolve().parent
 M, DAMP = 32, 1e-4

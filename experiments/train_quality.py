@@ -1,7 +1,7 @@
 """Training quality of the optimizers at an equal number of steps, on real data offline.
 
-scikit-learn's 8x8 digits (``lightning_mfac.data.DigitsDataModule``'s seeded 70/15/15 split) and
-the quickstart CNN (``lightning_mfac.models.quickstart_cnn``, ~10K parameters), batch 64, the same
+scikit-learn's 8x8 digits (``lightning_mfac.app.data.DigitsDataModule``'s seeded 70/15/15 split) and
+the quickstart CNN (``lightning_mfac.app.models.quickstart_cnn``, ~10K parameters), batch 64, the same
 number of steps and a cosine learning-rate decay for every optimizer:
 
 * ``sgd`` (momentum 0.9), ``adamw``,
@@ -10,7 +10,7 @@ number of steps and a cosine learning-rate decay for every optimizer:
   preconditioner=mfac``: momentum 0.9, m=32, damp 1e-4); the callback's hook is called before each
   step exactly as Lightning calls it,
 * ``singd`` (dense factors), ``ikfac`` (SINGD's KFAC-like mode), ``shampoo``, ``soap``, ``muon`` via
-  :mod:`lightning_mfac.optim.baselines`.
+  :mod:`lightning_mfac.app.baselines`.
 
 M-FAC uses a window of m=32 gradients and damp 1e-4 (the quickstart's values; the paper's m=512
 would not fill in the run). Each optimizer runs every learning rate of its grid with every seed;
@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from lightning_mfac import MFAC, MFACPreconditioner
-from lightning_mfac.data import DigitsDataModule
-from lightning_mfac.models import quickstart_cnn
-from lightning_mfac.optim import muon, shampoo, singd, soap
+from lightning_mfac.app.baselines import muon, shampoo, singd, soap
+from lightning_mfac.app.data import DigitsDataModule
+from lightning_mfac.app.models import quickstart_cnn
 
 HERE = Path(__file__).resolve().parent
 M, DAMP = 32, 1e-4

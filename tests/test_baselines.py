@@ -7,7 +7,6 @@ import functools
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import warnings
@@ -16,25 +15,28 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
 from lit_models import quiet_trainer
 from torch import nn
 
 pytest.importorskip("singd")
 pytest.importorskip("pytorch_optimizer")
 
-from lightning_mfac.cli import build_datamodule, build_task, validate_config  # noqa: E402
-from lightning_mfac.models import quickstart_cnn  # noqa: E402
-from lightning_mfac.optim import SINGD, muon, shampoo, singd, soap, unsupported_singd_layers  # noqa: E402
-from lightning_mfac.tasks import ImageClassifier  # noqa: E402
+from lightning_mfac.app import config_dir
+from lightning_mfac.app.baselines import SINGD, muon, shampoo, singd, soap, unsupported_singd_layers  # noqa: E402
+from lightning_mfac.app.cli import build_datamodule, build_task, validate_config  # noqa: E402
+from lightning_mfac.app.models import quickstart_cnn  # noqa: E402
+from lightning_mfac.app.tasks import ImageClassifier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MFAC_TRAIN = shutil.which("mfac-train") or str(Path(sys.executable).with_name("mfac-train"))
+# The console script's entry point, run with this interpreter (a stale `mfac-train` on PATH may
+# belong to another checkout).
+MFAC_TRAIN = [sys.executable, "-m", "lightning_mfac.app.cli"]
 BASELINES = ["singd", "shampoo", "soap", "muon"]
 
 
 def _compose(overrides: list[str]):
-    with initialize_config_module("lightning_mfac.conf", version_base="1.3"):
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
         return compose("config", overrides=overrides)
 
 
@@ -125,7 +127,7 @@ _DM = _DMStub()
 
 def test_singd_under_bf16_mixed():
     pl.seed_everything(0)
-    from lightning_mfac.data import DigitsDataModule
+    from lightning_mfac.app.data import DigitsDataModule
 
     dm = DigitsDataModule(batch_size=32)
     opt = functools.partial(singd, lr=0.05, structures="block_diagonal", T=1)
@@ -276,7 +278,7 @@ def test_mfac_train_with_singd(tmp_path):
         "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1",
         "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}",
     ]
-    proc = subprocess.run([MFAC_TRAIN, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*MFAC_TRAIN, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mfac-train summary" in proc.stdout
     assert "SINGD preconditions only nn.Linear and nn.Conv2d" in proc.stderr

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
 
-from lightning_mfac.cli import ConfigError, validate_config
+from lightning_mfac.app import config_dir
+from lightning_mfac.app.cli import ConfigError, validate_config
 
-CONF = Path(__file__).resolve().parents[1] / "lightning_mfac" / "conf"
+CONF = config_dir()
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-MFAC_TRAIN = shutil.which("mfac-train") or str(Path(sys.executable).with_name("mfac-train"))
+# The console script's entry point, run with this interpreter (a stale `mfac-train` on PATH may
+# belong to another checkout).
+MFAC_TRAIN = [sys.executable, "-m", "lightning_mfac.app.cli"]
 # Tiny settings: a couple of batches per epoch, windows of 4 gradients.
 TINY = [
     "+trainer.limit_train_batches=4",
@@ -33,11 +35,11 @@ TINY = [
 
 def _run(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([MFAC_TRAIN, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*MFAC_TRAIN, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _compose(overrides: list[str]):
-    with initialize_config_module("lightning_mfac.conf", version_base="1.3"):
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
         return compose("config", overrides=overrides, return_hydra_config=False)
 
 
@@ -55,7 +57,7 @@ def test_every_preset_composes(preset):
 def test_console_script_prints_a_preset_config(tmp_path):
     proc = _run(["experiment=resnet50_imagenet_prune95", "--cfg", "job"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "sparsity: 0.95" in proc.stdout and "lightning_mfac.models.resnet50" in proc.stdout
+    assert "sparsity: 0.95" in proc.stdout and "lightning_mfac.app.models.resnet50" in proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -150,7 +152,7 @@ def test_ddp_cpu_run(tmp_path):
 
 @pytest.mark.parametrize(("group", "needle"), [("hparams_search=optuna", "OptunaSweeper"), ("launcher=slurm", "submitit")])
 def test_sweep_and_launcher_configs_compose(group, needle):
-    with initialize_config_module("lightning_mfac.conf", version_base="1.3"):
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
         cfg = compose("config", overrides=[group], return_hydra_config=True)
     node = cfg.hydra.sweeper if "optuna" in group else cfg.hydra.launcher
     assert needle in str(node._target_)

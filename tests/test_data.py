@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_mfac.data import (
+from lightning_mfac.app.data import (
     CIFAR10DataModule,
     DigitsDataModule,
     GLUEDataModule,
@@ -21,7 +21,7 @@ from lightning_mfac.data import (
     TextCorpusDataModule,
     WordTokenizer,
 )
-from lightning_mfac.data.cifar import CIFAR10_MEAN, CIFAR10_STD
+from lightning_mfac.app.data.cifar import CIFAR10_MEAN, CIFAR10_STD
 
 # ---------------------------------------------------------------- digits
 

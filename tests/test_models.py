@@ -7,7 +7,7 @@ import urllib.error
 import pytest
 import torch
 
-from lightning_mfac import models
+from lightning_mfac.app import models
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -144,7 +144,7 @@ def test_models_import_without_transformers():
 
     code = (
         "import sys; sys.modules['transformers'] = None\n"
-        "import lightning_mfac.models as m\n"
+        "import lightning_mfac.app.models as m\n"
         "m.resnet20()\n"
         "try:\n    m.gpt_lm(10)\nexcept ImportError as e:\n    print('IMPORT-ERROR', e)\n"
     )

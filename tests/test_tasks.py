@@ -10,9 +10,9 @@ import pytest
 import torch
 from lit_models import quiet_trainer
 
-from lightning_mfac.data import DigitsDataModule, GLUEDataModule, TextCorpusDataModule
-from lightning_mfac.models import bert_classifier, gpt_lm, quickstart_cnn
-from lightning_mfac.tasks import ImageClassifier, LanguageModel, SequenceClassifier
+from lightning_mfac.app.data import DigitsDataModule, GLUEDataModule, TextCorpusDataModule
+from lightning_mfac.app.models import bert_classifier, gpt_lm, quickstart_cnn
+from lightning_mfac.app.tasks import ImageClassifier, LanguageModel, SequenceClassifier
 
 
 def tiny_trainer(**kwargs) -> pl.Trainer:
@@ -61,8 +61,8 @@ def test_default_and_partial_optimizers():
 def test_hydra_instantiation():
     hydra_utils = pytest.importorskip("hydra.utils")
     cfg = {
-        "_target_": "lightning_mfac.tasks.ImageClassifier",
-        "model": {"_target_": "lightning_mfac.models.resnet20", "num_classes": 10},
+        "_target_": "lightning_mfac.app.tasks.ImageClassifier",
+        "model": {"_target_": "lightning_mfac.app.models.resnet20", "num_classes": 10},
         "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05, "momentum": 0.9},
         "lr_scheduler": {
             "_target_": "torch.optim.lr_scheduler.CosineAnnealingLR",
@@ -75,7 +75,7 @@ def test_hydra_instantiation():
     config = task.configure_optimizers()
     assert config["optimizer"].defaults["lr"] == 0.05 and task.label_smoothing == 0.1
     dm = hydra_utils.instantiate(
-        {"_target_": "lightning_mfac.data.SyntheticDataModule", "input_shape": [3, 8, 8], "num_samples": 8}
+        {"_target_": "lightning_mfac.app.data.SyntheticDataModule", "input_shape": [3, 8, 8], "num_samples": 8}
     )
     assert dm.input_shape == (3, 8, 8)
 

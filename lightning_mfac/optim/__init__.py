@@ -1,6 +1,6 @@
-"""Optimizers built on :mod:`lightning_mfac.fisher`, and adapters for the baselines it is compared with."""
+"""The M-FAC optimizer, built on :mod:`lightning_mfac.fisher` (the baselines it is compared with are
+app adapters in :mod:`lightning_mfac.app.baselines`)."""
 
-from lightning_mfac.optim.baselines import SINGD, muon, shampoo, singd, soap, unsupported_singd_layers
 from lightning_mfac.optim.mfac import MFAC
 
-__all__ = ["MFAC", "SINGD", "muon", "shampoo", "singd", "soap", "unsupported_singd_layers"]
+__all__ = ["MFAC"]

@@ -1,0 +1,87 @@
+"""Layout: the library apart from the app, and a wheel that carries the configs."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from setuptools import find_packages
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBRARY = ("fisher", "optim", "callbacks", "pruning")
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_every_package_is_in_the_wheel_list():
+    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
+    found = set(find_packages(str(ROOT), include=["lightning_mfac*"]))
+    # conf/ is mapped into the package; everything else must be listed, or the wheel lacks it.
+    assert listed - found == {"lightning_mfac.app.conf"}
+    assert found - listed == set(), f"add these to [tool.setuptools] packages: {sorted(found - listed)}"
+    assert _pyproject()["tool"]["setuptools"]["package-dir"] == {"lightning_mfac.app.conf": "conf"}
+    assert _pyproject()["project"]["scripts"]["mfac-train"] == "lightning_mfac.app.cli:main"
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("sub", LIBRARY)
+def test_library_imports_nothing_of_the_app(sub):
+    for path in sorted((ROOT / "lightning_mfac" / sub).rglob("*.py")):
+        bad = {n for n in _imports(path) if n.startswith("lightning_mfac.app") or n in ("hydra", "wandb")}
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_importing_the_library_pulls_in_no_app_baselines_data_or_hydra():
+    code = (
+        "import sys, lightning_mfac as m\n"
+        "m.MFAC, m.MFACPreconditioner, m.OBSPruning, m.oneshot_prune\n"
+        "bad = [k for k in sys.modules if k.split('.')[0] in ('hydra', 'singd', 'pytorch_optimizer', 'sklearn', 'wandb')"
+        " or k.startswith('lightning_mfac.app')]\n"
+        "print(sorted(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "[]"
+
+
+def test_wheel_carries_the_configs_and_runs_from_any_directory(tmp_path):
+    """Build the real (non-editable) wheel, unpack it as site-packages, and compose the config from elsewhere."""
+    pytest.importorskip("setuptools", minversion="77")
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)],
+        check=True, capture_output=True, text=True,
+    )
+    (wheel,) = wheels.glob("lightning_mfac-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        zf.extractall(tmp_path / "site")
+    shipped = {n.removeprefix("lightning_mfac/app/conf/") for n in names if n.startswith("lightning_mfac/app/conf/")}
+    in_tree = {str(p.relative_to(ROOT / "conf")) for p in (ROOT / "conf").rglob("*.yaml")}
+    assert shipped == in_tree
+    assert "lightning_mfac/py.typed" in names
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    code = "import sys; sys.argv = ['mfac-train', '--cfg', 'job']; from lightning_mfac.app.cli import main; main()"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "lightning_mfac.app.models.quickstart_cnn" in proc.stdout
+    assert not list(elsewhere.iterdir())  # --cfg job writes nothing
