@@ -121,9 +121,9 @@ def optimizer_specs(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "sgd": plain(lambda model: torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)),
         "adamw": plain(lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3)),
-        "mfac": mfac(storage="device"),
-        "mfac-bf16": mfac(storage="device", window_dtype=torch.bfloat16),
-        "mfac-paged": mfac(storage="paged"),
+        "mfac": mfac(window={"storage": "device"}),
+        "mfac-bf16": mfac(window={"storage": "device", "dtype": torch.bfloat16}),
+        "mfac-paged": mfac(window={"storage": "paged"}),
         "sgd+mfac-callback": callback,
         "singd-dense": singd_(structures="dense"),
         "singd-hierarchical": singd_(structures="hierarchical"),

@@ -50,7 +50,7 @@ SETUPS: dict[str, tuple[Any, Any]] = {
     "sgd": (functools.partial(torch.optim.SGD, lr=0.3, momentum=0.9, weight_decay=5e-4), list),
     "mfac": (functools.partial(MFAC, lr=0.03, ngrads=M, damp=DAMP, weight_decay=3e-3), list),
     "mfac-bf16win": (
-        functools.partial(MFAC, lr=0.03, ngrads=M, damp=DAMP, weight_decay=3e-3, window_dtype=torch.bfloat16),
+        functools.partial(MFAC, lr=0.03, ngrads=M, damp=DAMP, weight_decay=3e-3, window={"dtype": torch.bfloat16}),
         list,
     ),
     "sgd+mfac": (

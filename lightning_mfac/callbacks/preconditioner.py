@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_mfac import _validation as check
+from lightning_mfac.fisher.config import WindowConfig
 from lightning_mfac.fisher.storage import STORAGES
 from lightning_mfac.optim.flat import FlatPreconditioner
 from lightning_mfac.selection import match_names, name_patterns
@@ -112,8 +113,8 @@ class MFACPreconditioner(Callback):
         pre = self._preconditioner(idx, pl_module, optimizer)
         g = pre.gradient([self.weight_decay] * len(pre.params))
         start = time.perf_counter()
-        u = pre.precondition(g)
-        if u is None:
+        u, finite = pre.precondition(g)
+        if not bool(finite):
             self._skip(trainer, pl_module, pre)
             return
         for p, v in zip(pre.params, pre.views(u), strict=True):
@@ -183,15 +184,14 @@ class MFACPreconditioner(Callback):
         names, params = self._select(pl_module, optimizer)
         self._signatures[idx] = signature
         if pre is None:
-            pre = self._pre[idx] = FlatPreconditioner(
-                params,
-                self.ngrads,
-                self.damp,
-                window_dtype=self.window_dtype,
+            window = WindowConfig(
+                dtype=self.window_dtype,
                 storage=self.storage,
                 page_cols=self.page_cols,
                 refactor_every=self.refactor_every,
-                owner="MFACPreconditioner",
+            )
+            pre = self._pre[idx] = FlatPreconditioner(
+                params, self.ngrads, self.damp, window, owner="MFACPreconditioner", names=names
             )
             self._names[idx] = names
             if idx in self._pending:

@@ -1,123 +1,289 @@
 """One M-FAC window over a fixed list of parameters, shared by the ``MFAC`` optimizer and the
-``MFACPreconditioner`` callback: flatten the gradients (plus weight decay) in parameter order,
-feed the window, return ``F⁻¹g``, and scatter a flat vector back onto the parameters."""
+``MFACPreconditioner`` callback.
+
+A :class:`FlatPreconditioner` owns two flat ``d``-vectors laid out in parameter order (the order
+of ``parameters_to_vector``) and, once, views of them shaped like the parameters. Each step then
+costs a constant number of tensor operations whatever the number of parameter tensors: the
+gradients are copied in with one ``torch._foreach_copy_``, the window is fed, and the direction
+is handed back as a flat vector and as parameter-shaped views for ``torch._foreach_*`` updates.
+Nothing here reads a device value on the host.
+
+Parameters without a gradient in a step (a frozen layer left in the optimizer, a branch that
+did not run) contribute zeros to the window and get no weight decay, as ``torch.optim.SGD``
+would leave them alone; the caller must also leave them un-updated (the direction has entries
+for them whenever earlier gradients coupled them to the others). A parameter that never has a
+gradient therefore adds a zero column to the window and changes nothing for the others.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from lightning_mfac import _validation as check
 from lightning_mfac.fisher import DynamicFisherInverse
+from lightning_mfac.fisher.config import WindowConfig
 
 
-def check_parameters(params: Sequence[torch.Tensor], owner: str) -> None:
+def describe(index: int, p: torch.Tensor, names: Sequence[str] | None) -> str:
+    """How an error message names parameter ``index``: its name where known, shape and dtype."""
+    name = f"{names[index]!r} " if names is not None else ""
+    return f"parameter {name}(index {index}, shape {tuple(p.shape)}, dtype {p.dtype}, device {p.device})"
+
+
+def check_parameters(params: Sequence[torch.Tensor], owner: str, names: Sequence[str] | None = None) -> None:
+    """Refuse, naming the parameter, anything one flat window cannot hold: sparse, complex,
+    integer or meta-device tensors, or tensors spread over several devices."""
     if not params:
-        raise ValueError(f"{owner}: the parameter selection is empty: expected at least one trainable tensor.")
+        raise ValueError(
+            f"{owner}: the parameter selection is empty: expected at least one trainable tensor."
+        )
+    if names is not None and len(names) != len(params):
+        raise ValueError(f"{owner}: {len(names)} names for {len(params)} parameters.")
     device = params[0].device
-    for p in params:
-        if p.is_sparse or p.is_complex() or not p.is_floating_point():
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{owner}: parameter index {i} is a {type(p).__name__}: expected a torch.Tensor.")
+        if p.layout != torch.strided or p.is_complex() or not p.is_floating_point():
             raise ValueError(
-                f"{owner}: parameter of shape {tuple(p.shape)} has dtype {p.dtype}"
-                f"{' (sparse)' if p.is_sparse else ''}: expected dense real floating-point parameters."
+                f"{owner}: {describe(i, p, names)} has layout {p.layout}: expected dense (strided) real "
+                "floating-point parameters."
+            )
+        if p.is_meta:
+            raise ValueError(
+                f"{owner}: {describe(i, p, names)} is on the meta device and has no data: materialize the "
+                "model (e.g. `module.to_empty(device=...)` and initialize it) before building the optimizer."
             )
         if p.device != device:
             raise ValueError(
-                f"{owner}: parameters live on {device} and {p.device}: one window needs all of them on one device."
+                f"{owner}: {describe(i, p, names)} is on {p.device} but parameter index 0 is on {device}: "
+                "one window needs all of its parameters on one device."
             )
 
 
+def check_masks(
+    params: Sequence[torch.Tensor],
+    masks: Mapping[torch.Tensor, torch.Tensor],
+    owner: str,
+    names: Sequence[str] | None = None,
+) -> list[torch.Tensor | None]:
+    """The mask of each parameter (``None`` where ``masks`` has none), each checked for its shape."""
+    keeps = [masks.get(p) for p in params]
+    for i, (p, k) in enumerate(zip(params, keeps, strict=True)):
+        if k is not None and tuple(k.shape) != tuple(p.shape):
+            raise ValueError(
+                f"{owner}: the mask of {describe(i, p, names)} has shape {tuple(k.shape)}: expected the parameter's shape."
+            )
+    return keeps
+
+
+def sparse_gradient_error(owner: str, index: int, p: torch.Tensor, names: Sequence[str] | None) -> ValueError:
+    return ValueError(
+        f"{owner}: {describe(index, p, names)} has a {p.grad.layout} gradient (e.g. nn.Embedding(sparse=True)): "
+        "M-FAC's window holds dense gradients. Use sparse=False for this module or leave the parameter out "
+        "of the M-FAC window."
+    )
+
+
 class FlatPreconditioner:
-    """Dynamic M-FAC over the concatenation of ``params`` (``parameters_to_vector`` order)."""
+    """Dynamic M-FAC over the concatenation of ``params`` (``parameters_to_vector`` order).
+
+    The API the optimizer and the callback use, and nothing more:
+
+    * :meth:`gradient` — the flat ``∇L + weight_decay·w`` of this step (an internal buffer);
+    * :meth:`precondition` — feed it to the window, get ``(F⁻¹g, finite)`` on the device;
+    * :attr:`direction_views` — the last direction, shaped like ``params`` (for ``torch._foreach_*``);
+    * :meth:`with_grad` — which parameters had a gradient (they are the ones to update);
+    * :meth:`apply_masks`, :meth:`verify`, :meth:`state_dict` / :meth:`load_state_dict`.
+
+    Args:
+        params: the parameters, all dense, floating point, on one device (checked here).
+        ngrads: window size ``m``.
+        damp: dampening ``λ``.
+        window: :class:`~lightning_mfac.fisher.config.WindowConfig` (or a mapping of its fields).
+        owner: prefix of error messages (``"MFAC"``, ``"MFACPreconditioner"``).
+        names: parameter names for error messages, where the caller knows them.
+    """
 
     def __init__(
         self,
         params: Sequence[torch.Tensor],
         ngrads: int,
         damp: float,
-        window_dtype: Any = None,
-        storage: str = "auto",
-        page_cols: int | None = None,
-        refactor_every: int | None = None,
-        process_group: Any = None,
+        window: WindowConfig | Mapping[str, Any] | None = None,
+        *,
         owner: str = "MFAC",
+        names: Sequence[str] | None = None,
     ) -> None:
-        check_parameters(params, owner)
+        params = list(params)
+        check_parameters(params, owner, names)
         self.owner = owner
-        self.params = list(params)
-        self.shapes = [tuple(p.shape) for p in self.params]
-        self.dim = sum(p.numel() for p in self.params)
-        self.device = self.params[0].device
-        default = torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
-        self.fisher = DynamicFisherInverse(
-            self.dim,
-            ngrads,
-            damp,
-            device=self.device,
-            dtype=check.window_dtype("window_dtype", window_dtype, default),
-            storage=storage,
-            page_cols=page_cols,
-            refactor_every=refactor_every,
-            process_group=process_group,
-        )
+        self.params = params
+        self.names = list(names) if names is not None else None
+        self.shapes = [tuple(p.shape) for p in params]
+        self.sizes = [p.numel() for p in params]
+        self.dim = sum(self.sizes)
+        self.device = params[0].device
+        self.window = WindowConfig.coerce(window)
+        self.fisher = _dynamic_inverse(self.dim, ngrads, damp, self.device, self.window, params[0].dtype)
+        # The gradient enters the window at the window's compute precision; the direction comes
+        # back in the parameters' dtype when they share one (so the foreach updates take the
+        # fast path), else at the compute precision and is cast per parameter by the update.
+        grad_dtype = torch.float64 if self.fisher.cdtype == torch.float64 else torch.float32
+        dtypes = {p.dtype for p in params}
+        dir_dtype = dtypes.pop() if len(dtypes) == 1 else grad_dtype
+        self._grad = torch.zeros(self.dim, dtype=grad_dtype, device=self.device)
+        self._direction = torch.zeros(self.dim, dtype=dir_dtype, device=self.device)
+        self._zero = torch.zeros((), dtype=dir_dtype, device=self.device)
+        self._grad_views = self.views(self._grad)
+        self.direction_views: list[torch.Tensor] = self.views(self._direction)
+        """Views of the last direction shaped like ``params`` (valid until the next step)."""
 
+    # ------------------------------------------------------------------ the step
     def verify(self, params: Sequence[torch.Tensor]) -> None:
         """The window's coordinates are tied to the parameter list it was built for."""
+        if len(params) == len(self.params) and all(p is q for p, q in zip(params, self.params, strict=True)):
+            return
         shapes = [tuple(p.shape) for p in params]
-        if shapes != self.shapes:
-            raise RuntimeError(
-                f"{self.owner}: the set of preconditioned parameters changed after the M-FAC window was built "
-                f"({len(self.shapes)} tensors / {self.dim} coordinates before, {len(shapes)} tensors / "
-                f"{sum(int(torch.Size(s).numel()) for s in shapes)} now). Build a new optimizer/callback "
-                "(or call reset) after changing the model."
-            )
+        raise RuntimeError(
+            f"{self.owner}: the set of preconditioned parameters changed after the M-FAC window was built "
+            f"({len(self.shapes)} tensors / {self.dim} coordinates before, {len(shapes)} tensors / "
+            f"{sum(int(torch.Size(s).numel()) for s in shapes)} now). Build a new optimizer/callback "
+            "(or call reset) after changing the model."
+        )
 
-    def gradient(self, weight_decay: Sequence[float]) -> torch.Tensor:
-        """``∇L + weight_decay·w`` flattened; a parameter without gradient contributes zeros."""
-        dtype = torch.float64 if self.fisher.cdtype == torch.float64 else torch.float32
-        parts = []
-        for p, wd in zip(self.params, weight_decay, strict=True):
-            g = p.grad.detach().reshape(-1).to(dtype) if p.grad is not None else p.new_zeros(p.numel(), dtype=dtype)
-            if wd:
-                g = g + wd * p.detach().reshape(-1).to(dtype)
-            parts.append(g)
-        return torch.cat(parts)
+    def with_grad(self) -> list[bool]:
+        """Which parameters have a gradient now; a sparse gradient is refused, naming the parameter."""
+        has = []
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is not None and g.layout != torch.strided:
+                raise sparse_gradient_error(self.owner, i, p, self.names)
+            has.append(g is not None)
+        return has
 
-    def precondition(self, g: torch.Tensor) -> torch.Tensor | None:
-        """``F⁻¹g`` after adding ``g`` to the window, or ``None`` (window untouched) if ``g`` is not finite."""
-        return self.fisher.update_mul(g, skip_nonfinite=True)
+    @torch.no_grad()
+    def gradient(
+        self, weight_decay: float | Sequence[float] = 0.0, has_grad: Sequence[bool] | None = None
+    ) -> torch.Tensor:
+        """``∇L + weight_decay·w`` flattened into an internal buffer (overwritten by the next call).
+
+        ``weight_decay`` is one value or one per parameter. A parameter without gradient
+        contributes zeros and no decay. ``has_grad`` is :meth:`with_grad` if the caller has it.
+        """
+        has = self.with_grad() if has_grad is None else has_grad
+        decays = (
+            [float(weight_decay)] * len(self.params)
+            if isinstance(weight_decay, (int, float))
+            else weight_decay
+        )
+        if len(decays) != len(self.params):
+            raise ValueError(f"{self.owner}: {len(decays)} weight decays for {len(self.params)} parameters.")
+        dst = [v for v, h in zip(self._grad_views, has, strict=True) if h]
+        if len(dst) < len(self.params):
+            torch._foreach_zero_([v for v, h in zip(self._grad_views, has, strict=True) if not h])
+        if dst:
+            torch._foreach_copy_(dst, [p.grad for p, h in zip(self.params, has, strict=True) if h])
+        # One foreach per run of equal decay values (one per parameter group in practice).
+        start = 0
+        for end in range(1, len(self.params) + 1):
+            if end == len(self.params) or decays[end] != decays[start]:
+                wd = decays[start]
+                if wd:
+                    idx = [i for i in range(start, end) if has[i]]
+                    if idx:
+                        torch._foreach_add_(
+                            [self._grad_views[i] for i in idx], [self.params[i] for i in idx], alpha=wd
+                        )
+                start = end
+        return self._grad
+
+    @torch.no_grad()
+    def precondition(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add ``g`` to the window and return ``(F⁻¹g, finite)``, both on the device.
+
+        ``finite`` is a boolean 0-dim tensor. Where it is False, ``g`` was not finite, the window
+        was left untouched and the direction is all zeros, so a caller that scales its step by
+        ``finite`` (or ignores it, for a plain ``p -= lr·u``) skips the step without a host read.
+        The direction lives in an internal buffer (see :attr:`direction_views`).
+        """
+        u, finite = _update_mul(self.fisher, g)
+        torch.where(finite, u, self._zero, out=self._direction)
+        return self._direction, finite
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """``flat`` split into tensors shaped like the parameters."""
-        return [t.view(s) for t, s in zip(flat.split([int(torch.Size(s).numel()) for s in self.shapes]), self.shapes, strict=True)]
+        """``flat`` split into tensors shaped like the parameters (one view per parameter: for hot
+        paths prefer :attr:`direction_views`)."""
+        return [t.view(s) for t, s in zip(flat.split(self.sizes), self.shapes, strict=True)]
 
+    # ------------------------------------------------------------------ pruning
     def keep_vector(self, keeps: Sequence[torch.Tensor | None]) -> torch.Tensor:
         """Flat boolean mask from per-parameter masks (``None`` keeps everything)."""
         parts = [
-            (k.reshape(-1).to(self.device, torch.bool) if k is not None else torch.ones(p.numel(), dtype=torch.bool, device=self.device))
+            (
+                k.reshape(-1).to(self.device, torch.bool)
+                if k is not None
+                else torch.ones(p.numel(), dtype=torch.bool, device=self.device)
+            )
             for p, k in zip(self.params, keeps, strict=True)
         ]
         return torch.cat(parts)
 
+    def apply_masks(self, masks: Mapping[torch.Tensor, torch.Tensor]) -> None:
+        """Zero the coordinates where ``masks[param]`` is False in every stored gradient (the
+        :class:`~lightning_mfac.optim.masking.MaskableWindow` protocol); parameters not in
+        ``masks`` keep all their coordinates."""
+        keeps = check_masks(self.params, masks, self.owner, self.names)
+        if any(k is not None for k in keeps):
+            self.fisher.mask_coordinates(self.keep_vector(keeps))
+
+    # ------------------------------------------------------------------ state
     def state_dict(self, include_window: bool = True) -> dict[str, Any]:
-        state = {"shapes": self.shapes}
         fisher = self.fisher.state_dict()
         if not include_window:
             fisher = {k: v for k, v in fisher.items() if k not in ("window", "gram", "inv")}
-        state["fisher"] = fisher
-        return state
+        return {"shapes": list(self.shapes), "fisher": fisher}
 
-    def load_state_dict(self, state: dict[str, Any]) -> bool:
+    def load_state_dict(self, state: Mapping[str, Any]) -> bool:
         """Restore; returns False when the checkpoint left the window out (the window re-warms)."""
-        if [tuple(s) for s in state["shapes"]] != self.shapes:
+        saved = [tuple(s) for s in state["shapes"]]
+        if saved != self.shapes:
             raise RuntimeError(
-                f"{self.owner}: the checkpoint's M-FAC window was built for parameters of shapes "
-                f"{state['shapes'][:4]}…, which do not match the current ones {self.shapes[:4]}…."
+                f"{self.owner}: the checkpoint's M-FAC window was built for {len(saved)} parameters of shapes "
+                f"{saved[:4]}{'…' if len(saved) > 4 else ''}, which do not match the current {len(self.shapes)} "
+                f"of shapes {self.shapes[:4]}{'…' if len(self.shapes) > 4 else ''}: the checkpoint is from a "
+                "different model."
             )
         if "window" not in state["fisher"]:
             self.fisher.reset()
             return False
         self.fisher.load_state_dict(state["fisher"])
         return True
+
+
+# ---------------------------------------------------------------------- engine calls
+def _dynamic_inverse(
+    dim: int, ngrads: int, damp: float, device: torch.device, window: WindowConfig, param_dtype: torch.dtype
+) -> DynamicFisherInverse:
+    return DynamicFisherInverse(
+        dim,
+        ngrads,
+        damp,
+        device=device,
+        dtype=window.resolved_dtype(param_dtype),
+        storage=window.storage,
+        page_cols=window.page_cols,
+        page_budget_bytes=window.page_budget_bytes,
+        refactor_every=window.refactor_every,
+        process_group=window.process_group,
+    )
+
+
+def _update_mul(fisher: DynamicFisherInverse, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = fisher.update_mul(g, skip_nonfinite=True)
+    if isinstance(out, tuple):
+        return out
+    if out is None:
+        return torch.zeros_like(g), torch.zeros((), dtype=torch.bool, device=g.device)
+    return out, torch.ones((), dtype=torch.bool, device=g.device)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -10,8 +10,10 @@ from torch.optim import Optimizer
 
 from lightning_mfac import _validation as check
 from lightning_mfac.fisher._numerics import warn_once
-from lightning_mfac.fisher.storage import STORAGES
-from lightning_mfac.optim.flat import FlatPreconditioner
+from lightning_mfac.fisher.config import WindowConfig
+from lightning_mfac.optim.flat import FlatPreconditioner, check_masks, check_parameters
+
+_WINDOW_KEYS = ("ngrads", "damp")
 
 
 class MFAC(Optimizer):
@@ -26,21 +28,37 @@ class MFAC(Optimizer):
         v_t &= \mu\, v_{t-1} + (1-\mu)\, u_t, \quad u_t \leftarrow v_t \qquad (\text{if } \mu > 0)\\
         w_{t+1} &= w_t - \eta\, u_t
 
-    One window spans all parameters of all groups, in group order; ``lr``, ``momentum`` and
-    ``weight_decay`` may differ per group. A step whose gradient is not finite is skipped (no
-    window entry, no update) and counted in ``state_dict()["mfac"]["skipped_steps"]``.
+    **Parameter groups.** One window spans all parameters of all groups, in group order, so
+    ``ngrads`` and ``damp`` are window settings: they live in ``defaults`` and in every group like
+    any torch hyperparameter, but all groups must agree on them (a group that sets a different
+    value is refused). ``lr``, ``momentum`` and ``weight_decay`` may differ per group.
+
+    **Parameters without a gradient** in a step are left alone, as ``torch.optim.SGD`` does: no
+    weight decay, no update, momentum untouched. They enter the window as zeros (a frozen layer
+    is a zero column of ``G`` and does not change the others' directions).
+
+    **Non-finite gradients.** A step whose gradient (with weight decay) is not finite is skipped
+    without reading anything on the host: the window is left untouched, the update is multiplied
+    by the device flag, momentum is kept. :attr:`skipped_steps_tensor` counts them on the device;
+    :attr:`skipped_steps` reads that count (one host sync, only when asked).
+
+    **Checkpoints** go through ``state_dict``/``load_state_dict`` (registered hooks): the window,
+    its factorization and the skip counter are stored under ``state_dict()["mfac"]``, and resuming
+    continues exactly. As with every torch optimizer, the hyperparameters in the checkpoint's
+    ``param_groups`` (``ngrads`` and ``damp`` included) replace the constructor's; a difference is
+    warned about once.
 
     Args:
-        params: parameters or parameter groups.
+        params: parameters or parameter groups (dense, floating point, one device).
         lr: learning rate ``η ≥ 0``.
         momentum: ``μ ∈ [0, 1)``.
         weight_decay: ``wd ≥ 0``, added to the gradient before preconditioning.
         ngrads: window size ``m ≥ 1``.
         damp: dampening ``λ > 0``.
-        window_dtype: ``None`` (float64 for float64 parameters, else float32), ``torch.float32``
-            or ``torch.bfloat16`` (halves the memory traffic, error ~1e-2).
-        storage: ``"auto"``, ``"device"``, ``"paged"`` or ``"sharded"`` (see ``lightning_mfac.fisher``).
-        page_cols, refactor_every, process_group: passed to :class:`DynamicFisherInverse`.
+        window: how the window is stored and multiplied: a
+            :class:`~lightning_mfac.fisher.config.WindowConfig`, a mapping of its fields
+            (``dtype``, ``storage``, ``page_cols``, ``page_budget_bytes``, ``refactor_every``,
+            ``kernels``, ``process_group``) or ``None`` for the defaults.
     """
 
     def __init__(
@@ -51,50 +69,88 @@ class MFAC(Optimizer):
         weight_decay: float = 0.0,
         ngrads: int = 1024,
         damp: float = 1e-5,
-        window_dtype: Any = None,
-        storage: str = "auto",
-        page_cols: int | None = None,
-        refactor_every: int | None = None,
-        process_group: Any = None,
+        window: WindowConfig | Mapping[str, Any] | None = None,
     ) -> None:
         defaults = {
-            "lr": check.nonnegative_float("lr", lr),
-            "momentum": check.in_unit_interval("momentum", momentum),
-            "weight_decay": check.nonnegative_float("weight_decay", weight_decay),
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "ngrads": ngrads,
+            "damp": damp,
         }
-        self._mfac_config = {
-            "ngrads": check.positive_int("ngrads", ngrads),
-            "damp": check.positive_float("damp", damp),
-            "window_dtype": window_dtype,
-            "storage": storage,
-            "page_cols": page_cols,
-            "refactor_every": refactor_every,
-            "process_group": process_group,
-        }
-        check.window_dtype("window_dtype", window_dtype)
-        check.one_of("storage", storage, STORAGES)
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            check.nonnegative_float("lr", group["lr"])
-            check.in_unit_interval("momentum", group["momentum"])
-            check.nonnegative_float("weight_decay", group["weight_decay"])
+        _check_hyperparameters(defaults, "")
+        self.window = WindowConfig.coerce(window)
         self._pre: FlatPreconditioner | None = None
-        self._pending: dict[str, Any] | None = None
-        self.skipped_steps = 0
+        self._skipped: torch.Tensor | None = None
+        super().__init__(params, defaults)
+        check_parameters(self._params(), "MFAC")
+        self.register_state_dict_post_hook(_save_window)
+        self.register_load_state_dict_pre_hook(_load_window)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self._pre is not None:
+            raise RuntimeError(
+                "MFAC: cannot add a parameter group after the M-FAC window was built (its coordinates are "
+                "the parameters it started with): build a new optimizer instead."
+            )
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        where = f"param_groups[{len(self.param_groups) - 1}]"
+        try:
+            _check_hyperparameters(group, where)
+            first = self.param_groups[0]
+            for key in _WINDOW_KEYS:
+                if group[key] != first[key]:
+                    raise ValueError(
+                        f"{where}: {key}={group[key]!r} differs from param_groups[0]'s {key}={first[key]!r}: "
+                        f"MFAC keeps one window over all groups, so every group must use the same {key}."
+                    )
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    # ------------------------------------------------------------------ counters
+    @property
+    def skipped_steps_tensor(self) -> torch.Tensor:
+        """Steps skipped for a non-finite gradient, as a 0-dim int64 device tensor (no sync)."""
+        if self._skipped is None:
+            self._skipped = torch.zeros((), dtype=torch.int64, device=self._params()[0].device)
+        return self._skipped
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite gradient; reads the device counter (one host sync)."""
+        return int(self.skipped_steps_tensor)
+
+    # ------------------------------------------------------------------ step
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _preconditioner(self) -> FlatPreconditioner:
+    def _preconditioner(self, ngrads: int | None = None, damp: float | None = None) -> FlatPreconditioner:
         params = self._params()
         if self._pre is None:
-            self._pre = FlatPreconditioner(params, owner="MFAC", **self._mfac_config)
-            if self._pending is not None:
-                self._pre.load_state_dict(self._pending)
-                self._pending = None
+            first = self.param_groups[0]
+            self._pre = FlatPreconditioner(
+                params,
+                first["ngrads"] if ngrads is None else ngrads,
+                first["damp"] if damp is None else damp,
+                self.window,
+                owner="MFAC",
+            )
         else:
             self._pre.verify(params)
         return self._pre
+
+    def _check_window_settings(self, pre: FlatPreconditioner) -> None:
+        """``ngrads``/``damp`` edited in ``param_groups`` after the window was built cannot take effect."""
+        for i, group in enumerate(self.param_groups):
+            for key, built in (("ngrads", pre.fisher.ngrads), ("damp", pre.fisher.damp)):
+                if group[key] != built:
+                    raise ValueError(
+                        f"MFAC: param_groups[{i}][{key!r}]={group[key]!r} but the window was built with "
+                        f"{key}={built!r}: the window's {key} is fixed once it exists; build a new optimizer "
+                        "to change it."
+                    )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -103,54 +159,121 @@ class MFAC(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         pre = self._preconditioner()
+        self._check_window_settings(pre)
+        has = pre.with_grad()
         decays = [group["weight_decay"] for group in self.param_groups for _ in group["params"]]
-        u = pre.precondition(pre.gradient(decays))
-        if u is None:
-            self.skipped_steps += 1
-            warn_once("MFAC: skipped a step with a non-finite gradient; the window was left untouched.")
-            return loss
-        views = iter(pre.views(u))
+        u, finite = pre.precondition(pre.gradient(decays, has))
+        skipped = self.skipped_steps_tensor
+        skipped.add_(finite.logical_not())
+        views = pre.direction_views
+
+        # Momentum first (it reads the direction), then one update per group. On a skipped step
+        # the direction is zero, the momentum keeps its value (factor 1) and the update that reads
+        # the momentum is multiplied by the flag: nothing moves.
+        start, updates, scaled = 0, [], False
         for group in self.param_groups:
-            mu, lr = group["momentum"], group["lr"]
-            for p in group["params"]:
-                step = next(views).to(p.dtype)
-                if mu > 0:
+            n = len(group["params"])
+            idx = [i for i in range(start, start + n) if has[i]]
+            start += n
+            params = [pre.params[i] for i in idx]
+            steps = [views[i] for i in idx]
+            mu = group["momentum"]
+            if params and mu > 0:
+                bufs = []
+                for p in params:
                     state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = torch.zeros_like(p)
-                    buf.mul_(mu).add_(step, alpha=1 - mu)
-                    step = buf
-                p.add_(step, alpha=-lr)
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    bufs.append(state["momentum_buffer"])
+                keep = torch.where(
+                    finite, torch.scalar_tensor(mu, dtype=bufs[0].dtype, device=finite.device), 1.0
+                )
+                torch._foreach_mul_(bufs, keep)
+                torch._foreach_add_(bufs, steps, alpha=1 - mu)
+                torch._foreach_copy_(steps, bufs)
+                scaled = True
+            updates.append((params, steps, group["lr"]))
+        if scaled:
+            u.mul_(finite)
+        for params, steps, lr in updates:
+            if params:
+                torch._foreach_add_(params, steps, alpha=-lr)
         return loss
 
-    def apply_masks(self, masks: dict[torch.Tensor, torch.Tensor]) -> None:
+    # ------------------------------------------------------------------ pruning
+    def apply_masks(self, masks: Mapping[torch.Tensor, torch.Tensor]) -> None:
         """Drop pruned coordinates (``masks[param]`` False) from the window and the momentum, so a
-        pruned weight gets exactly zero update; ``OBSPruning`` calls this after each pruning step."""
-        for p, keep in masks.items():
+        pruned weight gets exactly zero update (the
+        :class:`~lightning_mfac.optim.masking.MaskableWindow` protocol; ``OBSPruning`` calls it)."""
+        params = self._params()
+        for p, keep in zip(params, check_masks(params, masks, "MFAC"), strict=True):
             buf = self.state.get(p, {}).get("momentum_buffer")
-            if buf is not None:
+            if buf is not None and keep is not None:
                 buf.mul_(keep.to(buf.device, buf.dtype))
         if self._pre is not None:
-            self._pre.fisher.mask_coordinates(self._pre.keep_vector([masks.get(p) for p in self._pre.params]))
+            self._pre.apply_masks(masks)
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        window = self._pre.state_dict() if self._pre is not None else self._pending
-        state["mfac"] = {"window": window, "skipped_steps": self.skipped_steps}
-        return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("mfac", None)
-        super().load_state_dict(state_dict)
-        if extra is None:
-            return
-        self.skipped_steps = int(extra.get("skipped_steps", 0))
-        window = extra.get("window")
-        if window is None:
-            return
-        if self._pre is not None:
-            self._pre.load_state_dict(window)
-        else:
-            self._pending = window
+def _check_hyperparameters(group: Mapping[str, Any], where: str) -> None:
+    prefix = f"{where}: " if where else ""
+    try:
+        check.nonnegative_float("lr", group["lr"])
+        check.in_unit_interval("momentum", group["momentum"])
+        check.nonnegative_float("weight_decay", group["weight_decay"])
+        check.positive_int("ngrads", group["ngrads"])
+        check.positive_float("damp", group["damp"])
+    except ValueError as err:
+        raise ValueError(f"{prefix}{err}") from None
+
+
+# ---------------------------------------------------------------------- state hooks
+def _save_window(optimizer: MFAC, state_dict: dict[str, Any]) -> dict[str, Any]:
+    pre = optimizer._pre
+    state_dict["mfac"] = {
+        "window": pre.state_dict() if pre is not None else None,
+        "skipped_steps": optimizer.skipped_steps_tensor.detach().clone(),
+    }
+    return state_dict
+
+
+def _load_window(optimizer: MFAC, state_dict: dict[str, Any]) -> dict[str, Any]:
+    state_dict = dict(state_dict)
+    extra = state_dict.pop("mfac", None)
+    groups, saved = optimizer.param_groups, state_dict["param_groups"]
+    sizes, saved_sizes = [len(g["params"]) for g in groups], [len(g["params"]) for g in saved]
+    if sizes != saved_sizes:
+        raise ValueError(
+            f"MFAC: the checkpoint's optimizer has parameter groups of sizes {saved_sizes}, this one {sizes}: "
+            "the checkpoint is from a different model or optimizer setup."
+        )
+    # Checkpoints keep their hyperparameters (torch's rule); say so when the window's differ.
+    for key in _WINDOW_KEYS:
+        old = [g.get(key, groups[0][key]) for g in saved]
+        if any(v != old[0] for v in old):
+            raise ValueError(f"MFAC: the checkpoint's parameter groups disagree on {key} ({old}).")
+        if old[0] != groups[0][key]:
+            warn_once(
+                f"MFAC: the checkpoint was saved with {key}={old[0]!r}, this optimizer was built with "
+                f"{key}={groups[0][key]!r}; kept the checkpoint's value together with its window."
+            )
+    saved = [
+        dict(g, ngrads=g.get("ngrads", groups[0]["ngrads"]), damp=g.get("damp", groups[0]["damp"]))
+        for g in saved
+    ]
+    state_dict["param_groups"] = saved
+    if extra is None:
+        return state_dict
+    device = optimizer._params()[0].device
+    skipped = extra.get("skipped_steps", 0)
+    optimizer._skipped = torch.as_tensor(skipped, dtype=torch.int64).to(device).clone()
+    window = extra.get("window")
+    ngrads, damp = saved[0]["ngrads"], saved[0]["damp"]
+    if optimizer._pre is not None and (optimizer._pre.fisher.ngrads != ngrads):
+        optimizer._pre = None  # a window of the checkpoint's size replaces it
+    if window is None:
+        if optimizer._pre is not None:
+            optimizer._pre.fisher.reset()
+        return state_dict
+    pre = optimizer._preconditioner(ngrads, damp)
+    pre.load_state_dict(window)
+    return state_dict
