@@ -30,7 +30,7 @@ needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed")
 IMPLS = [
     pytest.param("torch", id="torch"),
     pytest.param("cpu", id="cpu", marks=needs_numba),
-    pytest.param("triton", id="triton", marks=pytest.mark.skip(reason="Triton kernels land next")),
+    pytest.param("triton", id="triton", marks=needs_triton),
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 #: Relative error of a float64-accumulated pass: products of stored values are exact in float64, so
@@ -112,6 +112,9 @@ def test_out_accumulates_for_dots_and_gram_and_is_written_by_combine(impl: str) 
         comb_out = torch.full((N, 2), 7.0, dtype=dtype)
         assert kern.combine(rows, c, out=comb_out) is comb_out
         assert relerr(comb_out, g64.t() @ c) <= {torch.bfloat16: 4e-3}.get(dtype, 6e-8)
+    # Rounded once to nearest, as torch rounds the float64 result.
+    bf = kern.combine(rows, c, out_dtype=torch.bfloat16)
+    assert bf.dtype == torch.bfloat16 and torch.equal(bf, (g64.t() @ c).to(torch.bfloat16))
     # A non-contiguous out (a column of a bigger buffer) is written in place too.
     buf = torch.zeros(N, 3, dtype=torch.float32)
     kern.combine(rows, c[:, 0], out=buf[:, 1])
@@ -179,6 +182,9 @@ def test_bad_input_names_the_parameter(impl: str) -> None:
 def test_resolve_kernels() -> None:
     assert resolve_kernels("torch").name == "torch"
     assert resolve_kernels("auto", "cpu").name == ("cpu" if HAS_NUMBA else "torch")
+    if HAS_TRITON:
+        assert resolve_kernels("auto", "cuda").name == "triton"
+        assert resolve_kernels("triton", "cpu").name == "triton"
     with pytest.raises(ValueError, match=r"kernels='numba' is not supported: expected one of 'auto'"):
         resolve_kernels("numba")
     with pytest.raises(ValueError, match="kernels='cpu' runs on CPU tensors only"):
@@ -271,3 +277,48 @@ def test_inverse_fisher_on_real_gradients(
         + ", ".join(f"{k} {v:.2e}" for k, v in err.items())
     )
     assert max(err.values()) <= BOUND[dtype], err
+
+
+# --- the CUDA code path, compiled without a GPU ------------------------------------------------------
+
+_COMPILE_SCRIPT = """
+import torch
+from lightning_mfac.fisher.kernels import triton_kernels as tk
+
+m, n = 1024, 4096
+f32 = torch.zeros(m, n)
+bf16 = torch.zeros(m, n, dtype=torch.bfloat16)
+f64 = torch.zeros(m, n, dtype=torch.float64)
+plans = {
+    "dots f32 vector": tk.plan_dots(f32, torch.zeros(n, 1), torch.zeros(m, 1, dtype=torch.float64), False, False),
+    "dots bf16 block +=": tk.plan_dots(bf16[:, 8:], torch.zeros(n - 8, 4, dtype=torch.float64),
+                                       torch.zeros(m, 4, dtype=torch.float64), True, False),
+    "combine bf16 -> bf16": tk.plan_combine(bf16, torch.zeros(m, 1, dtype=torch.float64),
+                                            torch.zeros(n, 1, dtype=torch.bfloat16), False),
+    "combine f64 block": tk.plan_combine(f64, torch.zeros(m, 3, dtype=torch.float64),
+                                         torch.zeros(n, 3, dtype=torch.float64), False),
+    "gram bf16 +=": tk.plan_gram(bf16, torch.zeros(m, m, dtype=torch.float64), True, False),
+}
+for name, plan in plans.items():
+    kernel = tk.compile_for(plan, 90)
+    assert ".f64" in kernel.asm["ptx"], name  # float64 arithmetic on the device
+    print("compiled", name, kernel.metadata.num_warps)
+"""
+
+
+@needs_triton
+def test_cuda_kernels_compile_for_sm90_without_a_gpu(tmp_path) -> None:
+    """The kernels as launched on CUDA (GPU block sizes) compile for an H100/H200 (sm_90) through
+    Triton's own ptxas. In a subprocess: a failing lowering aborts the process (a C++ assertion)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "PYTHONPATH": str(root), "TRITON_CACHE_DIR": str(tmp_path)}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    assert proc.stdout.count("compiled") == 5, proc.stdout

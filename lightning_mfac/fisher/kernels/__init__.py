@@ -110,5 +110,6 @@ def resolve_kernels(name: str, device: torch.device | str | None = None) -> Wind
 
 
 def _triton_kernels() -> WindowKernels:
-    # The Triton kernels land in the next change; until then the reference path keeps the contract.
-    return TorchKernels()
+    from lightning_mfac.fisher.kernels.triton_kernels import TritonKernels
+
+    return TritonKernels()
