@@ -91,21 +91,28 @@ def test_matches_dense_reference_over_wraparounds(momentum, weight_decay):
 
 
 def test_closure_and_lr_scheduler():
-    model = _model()
+    """``step(closure)`` returns the closure's loss and steps like the explicit loop; a scheduler's
+    learning rate is the one the next step uses."""
+    model, plain = _model(), _model()
     opt = MFAC(model.parameters(), lr=0.1, ngrads=2, damp=1e-2)
+    ref = MFAC(plain.parameters(), lr=0.1, ngrads=2, damp=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    batch = next(_batches(1))
+    for i, batch in enumerate(_batches(3)):
 
-    def closure():
-        opt.zero_grad()
-        loss = _loss(model, batch)
-        loss.backward()
-        return loss
+        def closure(batch=batch):
+            opt.zero_grad()
+            loss = _loss(model, batch)
+            loss.backward()
+            return loss
 
-    loss = opt.step(closure)
-    assert loss is not None and torch.isfinite(loss)
-    sched.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+        want = _loss(plain, batch).detach()
+        loss = opt.step(closure)
+        assert torch.equal(loss.detach(), want)
+        ref.param_groups[0]["lr"] = 0.1 * 0.5**i
+        _train(plain, ref, [batch])
+        assert torch.equal(_vector(model), _vector(plain))
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
 
 
 def _train(model, opt, batches):
@@ -289,6 +296,16 @@ def test_parameters_without_gradient_stay_put_like_sgd():
         assert "momentum_buffer" not in opt.state[q]
     for q, r in zip(model[2].parameters(), trained[2].parameters(), strict=True):
         assert torch.allclose(q, r, rtol=0, atol=1e-12)
+
+
+def test_step_without_any_gradient_changes_nothing():
+    model = _model()
+    opt = MFAC(model.parameters(), lr=0.1, momentum=0.5, weight_decay=0.1, ngrads=3, damp=1e-2)
+    _train(model, opt, _batches(2))
+    before, count = _vector(model), opt._pre.fisher.count
+    opt.zero_grad()
+    opt.step()
+    assert torch.equal(_vector(model), before) and opt._pre.fisher.count == count
 
 
 def test_parameter_without_gradient_in_one_step_is_not_updated_then():

@@ -161,6 +161,8 @@ class MFAC(Optimizer):
         pre = self._preconditioner()
         self._check_window_settings(pre)
         has = pre.with_grad()
+        if not any(has):  # nothing to learn from, as for torch.optim.SGD: the window stays as it is
+            return loss
         decays = [group["weight_decay"] for group in self.param_groups for _ in group["params"]]
         u, finite = pre.precondition(pre.gradient(decays, has))
         skipped = self.skipped_steps_tensor
