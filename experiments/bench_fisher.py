@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from lightning_mfac.fisher import DynamicFisherInverse, StaticFisherInverse
+from lightning_mfac.fisher import DynamicFisherInverse, StaticFisherInverse, WindowConfig
 
 MiB = 1 << 20
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -153,9 +153,9 @@ def bench_dynamic(
             m,
             1e-5,
             device=device,
-            dtype=dtype,
-            storage=storage,
-            page_cols=page_cols if storage == "paged" else None,
+            window=WindowConfig(
+                dtype=dtype, storage=storage, page_cols=page_cols if storage == "paged" else None
+            ),
         )
         # Distinct gradients: repeating a few would leave a rank-deficient window, whose O(m²)
         # inverse update is rejected (refactor every step) -- not the steady state being timed.

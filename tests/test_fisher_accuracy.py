@@ -14,7 +14,7 @@ import pytest
 import torch
 from real_gradients import digits_sgd_gradients
 
-from lightning_mfac.fisher import DynamicFisherInverse, StaticFisherInverse
+from lightning_mfac.fisher import DynamicFisherInverse, StaticFisherInverse, WindowConfig
 
 STEPS = 150
 CONFIGS = [(32, 1e-4), (32, 1e-5), (128, 1e-4), (128, 1e-5)]  # (m, damp)
@@ -44,11 +44,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize(("m", "damp"), CONFIGS)
 def test_dynamic_window_accuracy_on_real_gradients(gradients: torch.Tensor, m: int, damp: float) -> None:
     d = gradients.shape[1]
-    ref = DynamicFisherInverse(d, m, damp, dtype=torch.float64)
+    ref = DynamicFisherInverse(d, m, damp, window=WindowConfig(dtype=torch.float64))
     # The same gradients rounded to float32 (what a float32 model produces): isolates the arithmetic.
-    ref_rounded = DynamicFisherInverse(d, m, damp, dtype=torch.float64)
-    fp32 = DynamicFisherInverse(d, m, damp, dtype=torch.float32)
-    bf16 = DynamicFisherInverse(d, m, damp, dtype=torch.bfloat16)
+    ref_rounded = DynamicFisherInverse(d, m, damp, window=WindowConfig(dtype=torch.float64))
+    fp32 = DynamicFisherInverse(d, m, damp, window=WindowConfig(dtype=torch.float32))
+    bf16 = DynamicFisherInverse(d, m, damp, window=WindowConfig(dtype=torch.bfloat16))
     err = {"fp32": [], "fp32_arith": [], "bf16": []}
     for g in gradients:
         g32 = g.to(torch.float32)

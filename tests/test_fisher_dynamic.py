@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 
-from lightning_mfac.fisher import DynamicFisherInverse
+from lightning_mfac.fisher import DynamicFisherInverse, WindowConfig
 
 
 class DenseWindow:
@@ -48,7 +48,7 @@ def correlated_grads(n: int, d: int, seed: int = 0, dtype=torch.float64) -> torc
 @pytest.mark.parametrize(("d", "m"), [(12, 5), (9, 16), (30, 7)])
 def test_matches_dense_over_wraparounds(d: int, m: int) -> None:
     damp = 0.01
-    inv = DynamicFisherInverse(d, m, damp, dtype=torch.float64)
+    inv = DynamicFisherInverse(d, m, damp, window=WindowConfig(dtype=torch.float64))
     ref = DenseWindow(d, m, damp)
     grads = correlated_grads(3 * m + 4, d, seed=d)
     probe = torch.randn(d, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
@@ -79,8 +79,8 @@ def test_float32_window_matches_dense() -> None:
 
 def test_update_mul_equals_update_then_mul() -> None:
     d, m = 20, 6
-    a = DynamicFisherInverse(d, m, 1e-2, dtype=torch.float64)
-    b = DynamicFisherInverse(d, m, 1e-2, dtype=torch.float64)
+    a = DynamicFisherInverse(d, m, 1e-2, window=WindowConfig(dtype=torch.float64))
+    b = DynamicFisherInverse(d, m, 1e-2, window=WindowConfig(dtype=torch.float64))
     for g in correlated_grads(4 * m, d, seed=11):
         r1 = a.update_mul(g)
         b.update(g)
@@ -91,7 +91,7 @@ def test_update_mul_equals_update_then_mul() -> None:
 
 def test_mul_matrix_columns() -> None:
     d, m = 15, 4
-    inv = DynamicFisherInverse(d, m, 0.02, dtype=torch.float64)
+    inv = DynamicFisherInverse(d, m, 0.02, window=WindowConfig(dtype=torch.float64))
     ref = DenseWindow(d, m, 0.02)
     for g in correlated_grads(6, d, seed=4):
         inv.update(g)
@@ -108,7 +108,7 @@ def test_mul_matrix_columns() -> None:
 
 def test_reset_empties_the_window() -> None:
     d, m, damp = 10, 3, 0.1
-    inv = DynamicFisherInverse(d, m, damp, dtype=torch.float64)
+    inv = DynamicFisherInverse(d, m, damp, window=WindowConfig(dtype=torch.float64))
     grads = correlated_grads(10, d, seed=5)
     for g in grads[:5]:
         inv.update(g)
@@ -116,7 +116,7 @@ def test_reset_empties_the_window() -> None:
     assert inv.count == 0 and inv.slot == 0 and inv.filled == 0
     x = torch.randn(d, dtype=torch.float64)
     torch.testing.assert_close(inv.mul(x), x / damp)
-    fresh = DynamicFisherInverse(d, m, damp, dtype=torch.float64)
+    fresh = DynamicFisherInverse(d, m, damp, window=WindowConfig(dtype=torch.float64))
     for g in grads[5:]:
         torch.testing.assert_close(inv.update_mul(g), fresh.update_mul(g), rtol=1e-12, atol=0)
 
@@ -126,7 +126,7 @@ def test_reset_empties_the_window() -> None:
 def test_state_dict_round_trip_continues_identically(dtype: torch.dtype, through_bytes: bool) -> None:
     d, m = 14, 5
     grads = correlated_grads(20, d, seed=6, dtype=torch.float32 if dtype != torch.float64 else torch.float64)
-    a = DynamicFisherInverse(d, m, 1e-3, dtype=dtype, refactor_every=3)
+    a = DynamicFisherInverse(d, m, 1e-3, window=WindowConfig(dtype=dtype, refactor_every=3))
     for g in grads[:8]:  # mid-ring, mid refactor period
         a.update_mul(g)
     state = a.state_dict()
@@ -135,7 +135,7 @@ def test_state_dict_round_trip_continues_identically(dtype: torch.dtype, through
         torch.save(state, buf)
         buf.seek(0)
         state = torch.load(buf)
-    b = DynamicFisherInverse(d, m, 1e-3, dtype=dtype, refactor_every=3)
+    b = DynamicFisherInverse(d, m, 1e-3, window=WindowConfig(dtype=dtype, refactor_every=3))
     b.load_state_dict(state)
     assert (b.slot, b.count) == (a.slot, a.count)
     for g in grads[8:]:
@@ -145,8 +145,8 @@ def test_state_dict_round_trip_continues_identically(dtype: torch.dtype, through
 
 
 def test_load_state_dict_rejects_other_shape() -> None:
-    a = DynamicFisherInverse(10, 4, dtype=torch.float64)
-    b = DynamicFisherInverse(11, 4, dtype=torch.float64)
+    a = DynamicFisherInverse(10, 4, window=WindowConfig(dtype=torch.float64))
+    b = DynamicFisherInverse(11, 4, window=WindowConfig(dtype=torch.float64))
     with pytest.raises(ValueError, match="dim"):
         b.load_state_dict(a.state_dict())
 
@@ -157,8 +157,8 @@ def test_refactor_every_small_and_large_agree(dtype: torch.dtype) -> None:
     grads = correlated_grads(
         5 * m, d, seed=8, dtype=torch.float32 if dtype == torch.float32 else torch.float64
     )
-    often = DynamicFisherInverse(d, m, 1e-3, dtype=dtype, refactor_every=1)
-    rarely = DynamicFisherInverse(d, m, 1e-3, dtype=dtype, refactor_every=10_000)
+    often = DynamicFisherInverse(d, m, 1e-3, window=WindowConfig(dtype=dtype, refactor_every=1))
+    rarely = DynamicFisherInverse(d, m, 1e-3, window=WindowConfig(dtype=dtype, refactor_every=10_000))
     tol = 1e-10 if dtype == torch.float64 else 1e-6
     for g in grads:
         assert rel_err(often.update_mul(g), rarely.update_mul(g)) < tol
@@ -166,7 +166,7 @@ def test_refactor_every_small_and_large_agree(dtype: torch.dtype) -> None:
 
 def test_mask_coordinates() -> None:
     d, m, damp = 16, 5, 0.05
-    inv = DynamicFisherInverse(d, m, damp, dtype=torch.float64)
+    inv = DynamicFisherInverse(d, m, damp, window=WindowConfig(dtype=torch.float64))
     ref = DenseWindow(d, m, damp)
     grads = correlated_grads(12, d, seed=12)
     for g in grads[:7]:
@@ -191,8 +191,10 @@ def test_mask_coordinates() -> None:
 def test_paged_storage_matches_device(page_cols: int, dtype: torch.dtype) -> None:
     d, m = 30, 4
     grads = correlated_grads(11, d, seed=13, dtype=torch.float32)
-    dev = DynamicFisherInverse(d, m, 1e-3, dtype=dtype, storage="device")
-    paged = DynamicFisherInverse(d, m, 1e-3, dtype=dtype, storage="paged", page_cols=page_cols)
+    dev = DynamicFisherInverse(d, m, 1e-3, window=WindowConfig(dtype=dtype, storage="device"))
+    paged = DynamicFisherInverse(
+        d, m, 1e-3, window=WindowConfig(dtype=dtype, storage="paged", page_cols=page_cols)
+    )
     assert paged.storage == "PagedWindow" and dev.storage == "DeviceWindow"
     assert paged.window.npages == -(-d // min(page_cols, d))
     tol = 1e-12 if dtype == torch.float64 else 1e-6
@@ -207,7 +209,9 @@ def test_paged_storage_matches_device(page_cols: int, dtype: torch.dtype) -> Non
     dev.mask_coordinates(keep)
     assert rel_err(paged.mul(x), dev.mul(x)) < tol
     state = paged.state_dict()
-    other = DynamicFisherInverse(d, m, 1e-3, dtype=dtype, storage="paged", page_cols=page_cols)
+    other = DynamicFisherInverse(
+        d, m, 1e-3, window=WindowConfig(dtype=dtype, storage="paged", page_cols=page_cols)
+    )
     other.load_state_dict(state)
     assert torch.equal(other.mul(x), paged.mul(x))
 
@@ -219,7 +223,7 @@ def test_repeated_gradients_rank_deficient_window(dtype: torch.dtype, damp: floa
     d, m = 50, 8
     g = correlated_grads(1, d, seed=14, dtype=torch.float32)[0]
     g = g.to(dtype).to(torch.float32)  # exactly representable in the window
-    inv = DynamicFisherInverse(d, m, damp, dtype=dtype)
+    inv = DynamicFisherInverse(d, m, damp, window=WindowConfig(dtype=dtype))
     ref = DenseWindow(d, m, damp)
     for _ in range(3 * m):
         ref.update(g)
@@ -235,7 +239,7 @@ def test_bfloat16_window_multiplies_the_stored_gradient() -> None:
     """update_mul on a bf16 window returns F⁻¹ĝ for ĝ = bf16(g), the gradient it stored."""
     d, m, damp = 40, 6, 1e-3
     grads = correlated_grads(15, d, seed=15, dtype=torch.float32)
-    inv = DynamicFisherInverse(d, m, damp, dtype=torch.bfloat16)
+    inv = DynamicFisherInverse(d, m, damp, window=WindowConfig(dtype=torch.bfloat16))
     ref = DenseWindow(d, m, damp)
     for g in grads:
         stored = g.to(torch.bfloat16).to(torch.float32)
@@ -246,5 +250,5 @@ def test_bfloat16_window_multiplies_the_stored_gradient() -> None:
 
 def test_string_dtype_and_float32_default() -> None:
     assert DynamicFisherInverse(4, 2).dtype == torch.float32
-    assert DynamicFisherInverse(4, 2, dtype="bf16").dtype == torch.bfloat16
-    assert DynamicFisherInverse(4, 2, dtype="float64").dtype == torch.float64
+    assert DynamicFisherInverse(4, 2, window=WindowConfig(dtype="bf16")).dtype == torch.bfloat16
+    assert DynamicFisherInverse(4, 2, window=WindowConfig(dtype="float64")).dtype == torch.float64

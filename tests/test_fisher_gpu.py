@@ -9,7 +9,7 @@ import pytest
 import torch
 from real_gradients import digits_sgd_gradients
 
-from lightning_mfac.fisher import DynamicFisherInverse, StaticFisherInverse
+from lightning_mfac.fisher import DynamicFisherInverse, StaticFisherInverse, WindowConfig
 
 pytestmark = [
     pytest.mark.gpu,
@@ -41,7 +41,7 @@ def test_static_paged_matches_device(block_size: int | None) -> None:
     m, d, damp = 48, 100_003, 1e-3  # d not a multiple of the page or block width
     grads = correlated_grads(m, d, seed=1)
     paged = StaticFisherInverse(
-        grads.pin_memory(), damp, block_size=block_size, device="cuda", page_cols=8192
+        grads.pin_memory(), damp, block_size=block_size, device="cuda", window=WindowConfig(page_cols=8192)
     )
     assert paged.paged and paged.page_cols < d
     resident = StaticFisherInverse(grads.to(CUDA), damp, block_size=block_size)
@@ -58,8 +58,12 @@ def test_static_paged_matches_device(block_size: int | None) -> None:
 def test_dynamic_paged_matches_device(dtype: torch.dtype) -> None:
     m, d, damp = 32, 200_003, 1e-4
     grads = correlated_grads(3 * m, d, seed=2).to(CUDA)
-    paged = DynamicFisherInverse(d, m, damp, device="cuda", dtype=dtype, storage="paged", page_cols=16_384)
-    resident = DynamicFisherInverse(d, m, damp, device="cuda", dtype=dtype, storage="device")
+    paged = DynamicFisherInverse(
+        d, m, damp, device="cuda", window=WindowConfig(dtype=dtype, storage="paged", page_cols=16_384)
+    )
+    resident = DynamicFisherInverse(
+        d, m, damp, device="cuda", window=WindowConfig(dtype=dtype, storage="device")
+    )
     assert paged.storage == "PagedWindow" and paged.window.npages > 2
     assert paged.window.host.is_pinned()
     for g in grads:
@@ -71,13 +75,15 @@ def test_dynamic_paged_matches_device(dtype: torch.dtype) -> None:
     resident.mask_coordinates(keep)
     assert rel(paged.mul(x), resident.mul(x)) < 1e-5
     state = paged.state_dict()
-    clone = DynamicFisherInverse(d, m, damp, device="cuda", dtype=dtype, storage="paged", page_cols=16_384)
+    clone = DynamicFisherInverse(
+        d, m, damp, device="cuda", window=WindowConfig(dtype=dtype, storage="paged", page_cols=16_384)
+    )
     clone.load_state_dict(state)
     torch.testing.assert_close(clone.mul(x), paged.mul(x))
 
 
 def test_dynamic_auto_storage_on_cuda_is_device_for_small_windows() -> None:
-    inv = DynamicFisherInverse(10_000, 8, device="cuda", storage="auto")
+    inv = DynamicFisherInverse(10_000, 8, device="cuda", window=WindowConfig(storage="auto"))
     assert inv.storage == "DeviceWindow"
 
 
@@ -96,7 +102,9 @@ def test_dynamic_paged_peak_memory(dtype: torch.dtype) -> None:
     m, d, page_cols, damp = 256, 2_000_000, 65_536, 1e-4
     itemsize = torch.empty((), dtype=dtype).element_size()
     page = m * page_cols * itemsize
-    inv = DynamicFisherInverse(d, m, damp, device="cuda", dtype=dtype, storage="paged", page_cols=page_cols)
+    inv = DynamicFisherInverse(
+        d, m, damp, device="cuda", window=WindowConfig(dtype=dtype, storage="paged", page_cols=page_cols)
+    )
     window_bytes = m * d * itemsize
     assert window_bytes > 10 * page  # the window itself could never fit the bound below
     grads = [torch.randn(d, device=CUDA) for _ in range(3)]
@@ -123,7 +131,7 @@ def test_static_paged_peak_memory() -> None:
     grads = torch.randn(m, d).pin_memory()
 
     def build() -> StaticFisherInverse:
-        return StaticFisherInverse(grads, damp, device="cuda", page_cols=page_cols)
+        return StaticFisherInverse(grads, damp, device="cuda", window=WindowConfig(page_cols=page_cols))
 
     holder = []
     peak = _peak_during(lambda: holder.append(build()))
@@ -160,9 +168,9 @@ def test_cuda_float32_window_accuracy(
     user having enabled TF32 matmuls (the Fisher core must not use them)."""
     d = real_gradients.shape[1]
     grads = real_gradients.to(CUDA)
-    ref = DynamicFisherInverse(d, m, damp, device="cuda", dtype=torch.float64)
-    fp32 = DynamicFisherInverse(d, m, damp, device="cuda", dtype=torch.float32)
-    bf16 = DynamicFisherInverse(d, m, damp, device="cuda", dtype=torch.bfloat16)
+    ref = DynamicFisherInverse(d, m, damp, device="cuda", window=WindowConfig(dtype=torch.float64))
+    fp32 = DynamicFisherInverse(d, m, damp, device="cuda", window=WindowConfig(dtype=torch.float32))
+    bf16 = DynamicFisherInverse(d, m, damp, device="cuda", window=WindowConfig(dtype=torch.bfloat16))
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(matmul_precision)
     try:

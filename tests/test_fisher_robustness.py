@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from lightning_mfac.fisher import DynamicFisherInverse, StaticFisherInverse, make_window
+from lightning_mfac.fisher import DynamicFisherInverse, StaticFisherInverse, WindowConfig, make_window
 from lightning_mfac.fisher._numerics import _ieee_fp32, spd_cholesky, spd_inverse, warn_once
 
 PIVOT_WARNING = "non-positive pivot"
@@ -109,7 +109,7 @@ def test_static_tiny_damp_repeated_gradients(block_size: int | None, grad_dtype:
 def test_dynamic_tiny_damp_repeated_gradients_stay_finite(dtype: torch.dtype) -> None:
     g = torch.randn(30, generator=torch.Generator().manual_seed(4)).to(dtype).to(torch.float32)
     g = g.double() if dtype == torch.float64 else g
-    inv = DynamicFisherInverse(30, 5, damp=1e-20, dtype=dtype)
+    inv = DynamicFisherInverse(30, 5, damp=1e-20, window=WindowConfig(dtype=dtype))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         for _ in range(12):
@@ -122,7 +122,7 @@ def test_dynamic_tiny_damp_repeated_gradients_stay_finite(dtype: torch.dtype) ->
 
 def test_dynamic_refactor_fallback_warns() -> None:
     g = torch.randn(30, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    inv = DynamicFisherInverse(30, 5, damp=1e-20, dtype=torch.float64, refactor_every=1)
+    inv = DynamicFisherInverse(30, 5, damp=1e-20, window=WindowConfig(dtype=torch.float64, refactor_every=1))
     with pytest.warns(RuntimeWarning, match=PIVOT_WARNING):
         for _ in range(6):
             assert bool(torch.isfinite(inv.update_mul(g)).all())
@@ -159,11 +159,11 @@ def test_block_size_must_be_positive(block_size: int) -> None:
 
 def test_page_cols_and_refactor_every_must_be_positive() -> None:
     with pytest.raises(ValueError, match="page_cols=0"):
-        StaticFisherInverse(torch.randn(3, 10), 0.1, page_cols=0)
+        StaticFisherInverse(torch.randn(3, 10), 0.1, window=WindowConfig(page_cols=0))
     with pytest.raises(ValueError, match="page_cols=0"):
-        DynamicFisherInverse(10, 4, storage="paged", page_cols=0)
+        DynamicFisherInverse(10, 4, window=WindowConfig(storage="paged", page_cols=0))
     with pytest.raises(ValueError, match="refactor_every=0"):
-        DynamicFisherInverse(10, 4, refactor_every=0)
+        DynamicFisherInverse(10, 4, window=WindowConfig(refactor_every=0))
 
 
 def test_wrong_shapes() -> None:
@@ -230,7 +230,7 @@ def test_non_finite_inputs_are_rejected(bad: float) -> None:
 
 def test_unknown_storage() -> None:
     with pytest.raises(ValueError, match=r"storage='disk'"):
-        DynamicFisherInverse(10, 4, storage="disk")
+        DynamicFisherInverse(10, 4, window=WindowConfig(storage="disk"))
     with pytest.raises(ValueError, match=r"storage='disk'"):
         make_window(4, 10, torch.float32, "cpu", storage="disk")
 
@@ -238,19 +238,19 @@ def test_unknown_storage() -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, "half", torch.int32, "fp8"])
 def test_unknown_window_dtype(dtype) -> None:
     with pytest.raises(ValueError, match=r"dtype=" + repr(dtype).replace("(", r"\(").replace(")", r"\)")):
-        DynamicFisherInverse(10, 4, dtype=dtype)
+        DynamicFisherInverse(10, 4, window=WindowConfig(dtype=dtype))
 
 
 def test_static_q_dtype_must_be_float32_or_float64() -> None:
     with pytest.raises(ValueError, match="dtype=torch.bfloat16"):
-        StaticFisherInverse(torch.randn(3, 10), 0.1, dtype=torch.bfloat16)
+        StaticFisherInverse(torch.randn(3, 10), 0.1, window=WindowConfig(dtype=torch.bfloat16))
 
 
 def test_sharded_storage_needs_a_process_group() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         pytest.skip("a process group is initialized in this process")
     with pytest.raises(RuntimeError, match="storage='sharded' needs an initialized torch.distributed"):
-        DynamicFisherInverse(10, 4, storage="sharded")
+        DynamicFisherInverse(10, 4, window=WindowConfig(storage="sharded"))
 
 
 def test_tf32_guard_restores_the_user_setting() -> None:
@@ -268,3 +268,19 @@ def test_tf32_guard_restores_the_user_setting() -> None:
             assert flags.fp32_precision == setting
     finally:
         flags.fp32_precision = saved
+
+
+@pytest.mark.parametrize(
+    "name", ["dtype", "storage", "page_cols", "page_budget_bytes", "refactor_every", "process_group"]
+)
+def test_window_settings_moved_to_window_config(name: str) -> None:
+    with pytest.raises(
+        TypeError, match=rf"DynamicFisherInverse\(\) no longer takes '{name}'.*window=WindowConfig"
+    ):
+        DynamicFisherInverse(10, 4, **{name: None})
+    with pytest.raises(
+        TypeError, match=rf"StaticFisherInverse\(\) no longer takes '{name}'.*window=WindowConfig"
+    ):
+        StaticFisherInverse(torch.randn(3, 10), 0.1, **{name: None})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+        DynamicFisherInverse(10, 4, bogus=1)

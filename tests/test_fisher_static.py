@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_mfac.fisher import StaticFisherInverse
+from lightning_mfac.fisher import StaticFisherInverse, WindowConfig
 
 
 def dense_inverse(grads: torch.Tensor, damp: float, block_size: int | None = None) -> torch.Tensor:
@@ -55,7 +55,7 @@ def test_matches_dense_inverse(m: int, d: int, block_size: int | None, page_cols
     damp = 0.05
     grads = make_grads(m, d, seed=m * 1000 + d)
     ref = dense_inverse(grads, damp, None if block_size is None else min(block_size, d))
-    inv = StaticFisherInverse(grads, damp, block_size=block_size, page_cols=page_cols)
+    inv = StaticFisherInverse(grads, damp, block_size=block_size, window=WindowConfig(page_cols=page_cols))
 
     torch.testing.assert_close(inv.diag(), torch.diagonal(ref), rtol=1e-10, atol=0)
 
@@ -102,14 +102,14 @@ def test_float32_q_storage_is_default_for_float32_grads() -> None:
     inv = StaticFisherInverse(grads, 0.1)
     assert inv.dtype == torch.float32
     assert StaticFisherInverse(grads.double(), 0.1).dtype == torch.float64
-    assert StaticFisherInverse(grads, 0.1, dtype=torch.float64).dtype == torch.float64
+    assert StaticFisherInverse(grads, 0.1, window=WindowConfig(dtype=torch.float64)).dtype == torch.float64
 
 
 def test_pages_hold_whole_blocks() -> None:
     grads = make_grads(4, 50, seed=5)
-    inv = StaticFisherInverse(grads, 0.1, block_size=8, page_cols=20)
+    inv = StaticFisherInverse(grads, 0.1, block_size=8, window=WindowConfig(page_cols=20))
     assert inv.page_cols == 16  # rounded down to whole blocks
-    inv = StaticFisherInverse(grads, 0.1, block_size=8, page_cols=3)
+    inv = StaticFisherInverse(grads, 0.1, block_size=8, window=WindowConfig(page_cols=3))
     assert inv.page_cols == 8  # at least one block
     torch.testing.assert_close(inv.diag(), torch.diagonal(dense_inverse(grads, 0.1, 8)), rtol=1e-10, atol=0)
 
@@ -128,7 +128,7 @@ def test_property_random_shapes(
 ) -> None:
     grads = make_grads(m, d, seed)
     ref = dense_inverse(grads, damp, None if block is None else min(block, d))
-    inv = StaticFisherInverse(grads, damp, block_size=block, page_cols=page_cols)
+    inv = StaticFisherInverse(grads, damp, block_size=block, window=WindowConfig(page_cols=page_cols))
     scale = float(ref.abs().max())
     torch.testing.assert_close(inv.diag(), torch.diagonal(ref), rtol=1e-8, atol=1e-10 * scale)
     x = torch.randn(d, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))

@@ -1,9 +1,10 @@
 """The M-FAC algorithms in plain PyTorch (no Lightning): static and dynamic inverse empirical
 Fisher and the storage of the gradient window."""
 
+from lightning_mfac.fisher.config import STORAGES, WindowConfig
 from lightning_mfac.fisher.dynamic import DynamicFisherInverse
 from lightning_mfac.fisher.static import StaticFisherInverse
-from lightning_mfac.fisher.storage import STORAGES, DeviceWindow, PagedWindow, ShardedWindow, make_window
+from lightning_mfac.fisher.storage import DeviceWindow, PagedWindow, ShardedWindow, make_window
 
 __all__ = [
     "STORAGES",
@@ -12,5 +13,6 @@ __all__ = [
     "PagedWindow",
     "ShardedWindow",
     "StaticFisherInverse",
+    "WindowConfig",
     "make_window",
 ]

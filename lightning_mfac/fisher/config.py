@@ -77,3 +77,21 @@ class WindowConfig:
                 raise ValueError(f"window: unknown setting(s) {unknown}: expected some of {sorted(fields)}.")
             return cls(**dict(value.items()))
         raise TypeError(f"window={value!r}: expected a WindowConfig, a mapping of its fields, or None.")
+
+
+#: Keyword arguments that the fisher classes took before ``window=`` replaced them.
+LEGACY_WINDOW_ARGS = ("dtype", "storage", "page_cols", "page_budget_bytes", "refactor_every", "process_group")
+
+
+def reject_legacy_arguments(owner: str, kwargs: dict[str, Any]) -> None:
+    """Raise the ``TypeError`` of an unexpected keyword, pointing moved settings to ``window=``."""
+    if not kwargs:
+        return
+    moved = sorted(k for k in kwargs if k in LEGACY_WINDOW_ARGS)
+    if moved:
+        example = ", ".join(f"{k}=..." for k in moved)
+        raise TypeError(
+            f"{owner}() no longer takes {', '.join(map(repr, moved))}: pass window=WindowConfig({example}) "
+            "(from lightning_mfac.fisher.config import WindowConfig)."
+        )
+    raise TypeError(f"{owner}() got an unexpected keyword argument {sorted(kwargs)[0]!r}.")

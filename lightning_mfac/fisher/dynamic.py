@@ -28,7 +28,8 @@ import torch
 
 from lightning_mfac import _validation as check
 from lightning_mfac.fisher._numerics import compute_dtype, spd_inverse, warn_once
-from lightning_mfac.fisher.storage import STORAGES, WindowStorage, make_window
+from lightning_mfac.fisher.config import WindowConfig, reject_legacy_arguments
+from lightning_mfac.fisher.storage import WindowStorage, make_window
 
 
 class DynamicFisherInverse:
@@ -39,12 +40,9 @@ class DynamicFisherInverse:
         ngrads: window size ``m`` (the capacity; the Fisher always divides by it).
         damp: dampening ``λ > 0``.
         device: compute device (default CPU). Inputs must live there.
-        dtype: window dtype, ``torch.float32`` or ``torch.bfloat16`` (``float64`` for references).
-        storage: ``"device"``, ``"paged"`` (host pages streamed to ``device``), ``"sharded"``
-            (1/world of the coordinates per rank under ``torch.distributed``) or ``"auto"``.
-        page_cols / page_budget_bytes: page geometry of a paged window (default from free memory).
-        refactor_every: steps between fresh factorizations of ``S`` (default ``m``).
-        process_group: group for ``storage="sharded"``.
+        window: how the window is stored and multiplied (:class:`~lightning_mfac.fisher.config.WindowConfig`
+            or a mapping of its fields): dtype (default float32), storage, page geometry,
+            ``refactor_every`` (default ``m``), kernels and process group.
     """
 
     def __init__(
@@ -53,26 +51,27 @@ class DynamicFisherInverse:
         ngrads: int,
         damp: float = 1e-5,
         device: torch.device | str | None = None,
-        dtype: torch.dtype | str | None = torch.float32,
-        storage: str = "device",
-        page_cols: int | None = None,
-        page_budget_bytes: int | None = None,
-        refactor_every: int | None = None,
-        process_group: Any = None,
+        *,
+        window: WindowConfig | dict[str, Any] | None = None,
+        **legacy: Any,
     ) -> None:
+        reject_legacy_arguments("DynamicFisherInverse", legacy)
         self.dim = check.positive_int("dim", dim)
         self.ngrads = check.positive_int("ngrads", ngrads)
         self.damp = check.positive_float("damp", damp)
-        self.dtype = check.window_dtype("dtype", dtype)
-        check.one_of("storage", storage, STORAGES)
-        if page_cols is not None:
-            check.positive_int("page_cols", page_cols)
-        self.refactor_every = check.positive_int(
-            "refactor_every", self.ngrads if refactor_every is None else refactor_every
-        )
+        self.config = WindowConfig.coerce(window)
+        self.dtype = self.config.resolved_dtype(torch.float32)
+        self.refactor_every = self.config.refactor_every or self.ngrads
         self.device = torch.device("cpu" if device is None else device)
         self.window: WindowStorage = make_window(
-            self.ngrads, self.dim, self.dtype, self.device, storage, page_cols, page_budget_bytes, process_group
+            self.ngrads,
+            self.dim,
+            self.dtype,
+            self.device,
+            self.config.storage,
+            self.config.page_cols,
+            self.config.page_budget_bytes,
+            self.config.process_group,
         )
         self.storage = type(self.window).__name__
         self.cdtype = compute_dtype(self.dtype)
@@ -84,7 +83,7 @@ class DynamicFisherInverse:
         m = self.ngrads
         self.window.zero_()
         self.gram = torch.zeros(m, m, dtype=torch.float64, device=self.device)
-        self.inv = torch.eye(m, dtype=torch.float64, device=self.device) / (m * self.damp)
+        self.damped_gram_inverse = torch.eye(m, dtype=torch.float64, device=self.device) / (m * self.damp)
         self.slot = 0
         self.count = 0
         self._since_refactor = 0
@@ -102,7 +101,7 @@ class DynamicFisherInverse:
             "dtype": str(self.dtype).replace("torch.", ""),
             "window": self.window.to_dense(),
             "gram": self.gram.cpu().clone(),
-            "inv": self.inv.cpu().clone(),
+            "damped_gram_inverse": self.damped_gram_inverse.cpu().clone(),
             "slot": self.slot,
             "count": self.count,
             "since_refactor": self._since_refactor,
@@ -118,7 +117,11 @@ class DynamicFisherInverse:
         self.damp = float(state["damp"])
         self.window.load_dense(state["window"].to(self.device))
         self.gram = state["gram"].to(self.device, torch.float64).clone()
-        self.inv = state["inv"].to(self.device, torch.float64).clone()
+        self.damped_gram_inverse = (
+            state["damped_gram_inverse" if "damped_gram_inverse" in state else "inv"]
+            .to(self.device, torch.float64)
+            .clone()
+        )
         self.slot, self.count = int(state["slot"]), int(state["count"])
         self._since_refactor = int(state["since_refactor"])
 
@@ -151,7 +154,7 @@ class DynamicFisherInverse:
         j = self.slot
         self._insert(cols)
         # F⁻¹ gⱼ = m·Gᵀ S⁻¹ eⱼ (see the module docstring): no cancellation against g.
-        coeffs = self.ngrads * self.inv[:, j : j + 1]
+        coeffs = self.ngrads * self.damped_gram_inverse[:, j : j + 1]
         return self.window.combine(coeffs).reshape(g.shape).to(self._out_dtype(g))
 
     def mask_coordinates(self, keep: torch.Tensor) -> None:
@@ -196,7 +199,7 @@ class DynamicFisherInverse:
         self.count += 1
 
     def _apply(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        c = self.inv @ u
+        c = self.damped_gram_inverse @ u
         return (x - self.window.combine(c)) / self.damp
 
     def _replace(self, j: int, col: torch.Tensor) -> None:
@@ -216,7 +219,7 @@ class DynamicFisherInverse:
         window (repeated gradients, tiny λ) the O(m²) update drifts far faster than the Schur
         complement test notices (measured: 34% error in F⁻¹g at λ=1e-6 after a few steps)."""
         m = self.ngrads
-        x = self.inv[:, j]
+        x = self.damped_gram_inverse[:, j]
         residual = self.gram @ x + (m * self.damp) * x
         residual[j] -= 1.0
         scale = (self.gram.diagonal().max() + m * self.damp) * x.abs().max()
@@ -225,11 +228,11 @@ class DynamicFisherInverse:
     def _bordered_update(self, j: int, col: torch.Tensor) -> bool:
         """O(m²) replacement of row/column ``j`` in ``S⁻¹``; False if rounding makes it unsafe."""
         floor = self.ngrads * self.damp
-        p = self.inv[:, j].clone()
+        p = self.damped_gram_inverse[:, j].clone()
         if not bool(p[j] > 0):
             return False
         # Schur downdate: the inverse of S without row/column j, embedded with zeros at j.
-        reduced = self.inv - torch.outer(p, p) / p[j]
+        reduced = self.damped_gram_inverse - torch.outer(p, p) / p[j]
         a = col.clone()
         a[j] = 0.0
         ra = reduced @ a
@@ -243,12 +246,12 @@ class DynamicFisherInverse:
         reduced[:, j] = -ra / schur
         reduced[j, :] = -ra / schur
         reduced[j, j] = 1.0 / schur
-        self.inv = reduced
+        self.damped_gram_inverse = reduced
         return True
 
     def _refactor(self) -> None:
         m = self.ngrads
         s = self.gram + (m * self.damp) * torch.eye(m, dtype=torch.float64, device=self.device)
-        self.inv = spd_inverse(s, m * self.damp)
-        self.inv = 0.5 * (self.inv + self.inv.t())
+        self.damped_gram_inverse = spd_inverse(s, m * self.damp)
+        self.damped_gram_inverse = 0.5 * (self.damped_gram_inverse + self.damped_gram_inverse.t())
         self._since_refactor = 0

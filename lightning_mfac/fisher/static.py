@@ -20,12 +20,14 @@ Gram accumulated and the triangular solve done page by page, ``Q`` overwriting t
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from lightning_mfac import _validation as check
 from lightning_mfac.fisher._numerics import spd_cholesky, spd_inverse
+from lightning_mfac.fisher.config import WindowConfig, reject_legacy_arguments
 from lightning_mfac.fisher.storage import DeviceWindow, PagedWindow, WindowStorage, default_page_cols
 
 
@@ -38,9 +40,10 @@ class StaticFisherInverse:
         block_size: ``None`` for the full ``d × d`` inverse, else the block size ``B ≥ 1``.
         device: compute device (default: that of ``grads``). CPU gradients with a CUDA device
             are paged.
-        page_cols: columns per page (rounded to whole blocks); default from free device memory.
-        dtype: dtype in which ``Q`` (or the ``B × B`` inverses) are kept; default float64 for
-            float64 gradients, else float32. The diagonal is always exact float64.
+        window: :class:`~lightning_mfac.fisher.config.WindowConfig` (or a mapping of its fields):
+            ``dtype`` in which the gradients are kept (default float64 for float64 gradients, else
+            float32) and ``page_cols``, the columns per page (rounded to whole blocks; default from
+            free device memory). The diagonal is always exact float64.
     """
 
     def __init__(
@@ -49,19 +52,23 @@ class StaticFisherInverse:
         damp: float = 1e-5,
         block_size: int | None = None,
         device: torch.device | str | None = None,
-        page_cols: int | None = None,
-        dtype: torch.dtype | None = None,
+        *,
+        window: WindowConfig | dict[str, Any] | None = None,
+        **legacy: Any,
     ) -> None:
+        reject_legacy_arguments("StaticFisherInverse", legacy)
+        self.config = WindowConfig.coerce(window)
+        dtype, page_cols = self.config.dtype, self.config.page_cols
         check.float_tensor("grads", grads, (2,))
         m, d = grads.shape
         if m < 1 or d < 1:
-            raise ValueError(f"grads has shape {(m, d)}: expected at least one gradient of at least one coordinate.")
+            raise ValueError(
+                f"grads has shape {(m, d)}: expected at least one gradient of at least one coordinate."
+            )
         check.finite_tensor("grads", grads)
         self.damp = check.positive_float("damp", damp)
         self.ngrads, self.dim = m, d
         self.block_size = d if block_size is None else min(check.positive_int("block_size", block_size), d)
-        if page_cols is not None:
-            check.positive_int("page_cols", page_cols)
         if dtype is not None and dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype={dtype!r} is invalid: expected None, torch.float32 or torch.float64.")
         self.device = grads.device if device is None else torch.device(device)
@@ -201,7 +208,9 @@ class StaticFisherInverse:
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.device).reshape(-1)
         cols = torch.as_tensor(cols, dtype=torch.long, device=self.device).reshape(-1)
         if rows.shape != cols.shape:
-            raise ValueError(f"rows and cols must have the same length, got {rows.numel()} and {cols.numel()}.")
+            raise ValueError(
+                f"rows and cols must have the same length, got {rows.numel()} and {cols.numel()}."
+            )
         for name, idx in (("rows", rows), ("cols", cols)):
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.dim):
                 raise ValueError(f"{name} holds indices outside [0, {self.dim}).")

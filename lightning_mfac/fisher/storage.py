@@ -26,8 +26,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_mfac.fisher._numerics import chunked_dots, combine_rows, compute_dtype
-
-STORAGES = ("auto", "device", "paged", "sharded")
+from lightning_mfac.fisher.config import STORAGES
 
 #: Fraction of free device memory that ``storage="auto"`` lets the window take before paging.
 AUTO_DEVICE_FRACTION = 0.5
@@ -83,7 +82,11 @@ class WindowStorage:
 
     def to_dense(self) -> torch.Tensor:
         """The full ``(m, d)`` window on the CPU (for checkpoints and tests)."""
-        return torch.stack([self.row(j).cpu() for j in range(self.rows)]) if self.rows else torch.empty(0, self.dim)
+        return (
+            torch.stack([self.row(j).cpu() for j in range(self.rows)])
+            if self.rows
+            else torch.empty(0, self.dim)
+        )
 
     def load_dense(self, rows: torch.Tensor) -> None:
         for j in range(self.rows):
@@ -289,7 +292,9 @@ def make_window(
             )
         world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
         lo, hi = ShardedWindow.bounds(dim, rank, world)
-        inner = "device" if device.type != "cuda" else resolve_auto_storage(rows, hi - lo, dtype, device, None)
+        inner = (
+            "device" if device.type != "cuda" else resolve_auto_storage(rows, hi - lo, dtype, device, None)
+        )
         local = make_window(rows, hi - lo, dtype, device, inner, page_cols, page_budget_bytes)
         return ShardedWindow(local, dim, lo, hi, process_group)
     if storage == "paged":

@@ -242,7 +242,7 @@ class FlatPreconditioner:
     def state_dict(self, include_window: bool = True) -> dict[str, Any]:
         fisher = self.fisher.state_dict()
         if not include_window:
-            fisher = {k: v for k, v in fisher.items() if k not in ("window", "gram", "inv")}
+            fisher = {k: v for k, v in fisher.items() if k not in ("window", "gram", "damped_gram_inverse")}
         return {"shapes": list(self.shapes), "fisher": fisher}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> bool:
@@ -271,12 +271,7 @@ def _dynamic_inverse(
         ngrads,
         damp,
         device=device,
-        dtype=window.resolved_dtype(param_dtype),
-        storage=window.storage,
-        page_cols=window.page_cols,
-        page_budget_bytes=window.page_budget_bytes,
-        refactor_every=window.refactor_every,
-        process_group=window.process_group,
+        window=window.replace(dtype=window.resolved_dtype(param_dtype)),
     )
 
 
