@@ -14,6 +14,7 @@ from lightning_mfac import _validation as check
 from lightning_mfac.fisher.config import WindowConfig
 from lightning_mfac.fisher.storage import STORAGES
 from lightning_mfac.optim.flat import FlatPreconditioner
+from lightning_mfac.optim.grafting import GRAFTS, make_grafting
 from lightning_mfac.selection import match_names, name_patterns
 
 
@@ -48,6 +49,10 @@ class MFACPreconditioner(Callback):
         save_window: include the window in checkpoints.
         log_stats: log window fill, time per preconditioning step and ``‖F⁻¹g‖/‖g‖``.
         page_cols, refactor_every: passed to :class:`lightning_mfac.DynamicFisherInverse`.
+        graft: ``None``, ``"sgd"`` or ``"adam"``: rescale ``F⁻¹g`` per parameter tensor to the norm
+            of that method's direction on the same gradient, so the optimizer keeps the lr tuned
+            without the callback (see :mod:`lightning_mfac.optim.grafting`). With several
+            preconditioned optimizers each gets its own grafting state.
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class MFACPreconditioner(Callback):
         log_stats: bool = True,
         page_cols: int | None = None,
         refactor_every: int | None = None,
+        graft: Any = None,
     ) -> None:
         self.ngrads = check.positive_int("ngrads", ngrads)
         self.damp = check.positive_float("damp", damp)
@@ -88,6 +94,8 @@ class MFACPreconditioner(Callback):
         self._signatures: dict[int, tuple[int, ...]] = {}
         self._pending: dict[int, dict[str, Any]] = {}
         self.nonfinite_steps = 0
+        self.graft = check.one_of("graft", graft, (None, *GRAFTS))
+        self._grafts: dict[int, Any] = {}
 
     @property
     def state_key(self) -> str:
@@ -117,6 +125,8 @@ class MFACPreconditioner(Callback):
         if not bool(finite):
             self._skip(trainer, pl_module, pre)
             return
+        if idx in self._grafts:
+            self._grafts[idx].graft_(pre.views(u), pre.views(g))
         for p, v in zip(pre.params, pre.views(u), strict=True):
             if p.grad is None:
                 p.grad = v.to(p.dtype).clone()
@@ -141,10 +151,14 @@ class MFACPreconditioner(Callback):
             keeps = [masks.get(name) for name in self._names[idx]]
             if any(k is not None for k in keeps):
                 pre.fisher.mask_coordinates(pre.keep_vector(keeps))
+                if idx in self._grafts:
+                    self._grafts[idx].apply_masks(keeps)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         pres = {idx: pre.state_dict(include_window=self.save_window) for idx, pre in self._pre.items()}
+        for idx, graft in self._grafts.items():
+            pres[idx]["graft"] = graft.state_dict()
         pres.update({idx: s for idx, s in self._pending.items() if idx not in pres})
         return {"preconditioners": pres, "nonfinite_steps": self.nonfinite_steps, "save_window": self.save_window}
 
@@ -194,6 +208,8 @@ class MFACPreconditioner(Callback):
                 params, self.ngrads, self.damp, window, owner="MFACPreconditioner", names=names
             )
             self._names[idx] = names
+            if self.graft is not None:
+                self._grafts[idx] = make_grafting(self.graft)
             if idx in self._pending:
                 self._restore(idx)
         else:
@@ -201,7 +217,10 @@ class MFACPreconditioner(Callback):
         return pre
 
     def _restore(self, idx: int) -> None:
-        if not self._pre[idx].load_state_dict(self._pending.pop(idx)):
+        state = self._pending.pop(idx)
+        if idx in self._grafts and state.get("graft") is not None:
+            self._grafts[idx].load_state_dict(state["graft"])
+        if not self._pre[idx].load_state_dict(state):
             rank_zero_warn(
                 "MFACPreconditioner: the checkpoint was saved with save_window=False; the M-FAC window "
                 f"starts empty and re-warms over the next {self.ngrads} steps."

@@ -12,6 +12,7 @@ from lightning_mfac import _validation as check
 from lightning_mfac.fisher._numerics import warn_once
 from lightning_mfac.fisher.config import WindowConfig
 from lightning_mfac.optim.flat import FlatPreconditioner, check_masks, check_parameters
+from lightning_mfac.optim.grafting import make_grafting
 
 _WINDOW_KEYS = ("ngrads", "damp")
 
@@ -59,6 +60,10 @@ class MFAC(Optimizer):
             :class:`~lightning_mfac.fisher.config.WindowConfig`, a mapping of its fields
             (``dtype``, ``storage``, ``page_cols``, ``page_budget_bytes``, ``refactor_every``,
             ``kernels``, ``process_group``) or ``None`` for the defaults.
+        graft: ``None``, ``"sgd"`` or ``"adam"``: rescale ``u_t`` per parameter tensor to the norm of
+            that method's direction on the same gradient, before momentum, so an lr tuned for
+            SGD/Adam carries over (:mod:`lightning_mfac.optim.grafting`; Adam's moments are saved
+            in ``state_dict()["mfac"]["graft"]``).
     """
 
     def __init__(
@@ -70,6 +75,7 @@ class MFAC(Optimizer):
         ngrads: int = 1024,
         damp: float = 1e-5,
         window: WindowConfig | Mapping[str, Any] | None = None,
+        graft: Any = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -80,6 +86,7 @@ class MFAC(Optimizer):
         }
         _check_hyperparameters(defaults, "")
         self.window = WindowConfig.coerce(window)
+        self.graft = make_grafting(graft)
         self._pre: FlatPreconditioner | None = None
         self._skipped: torch.Tensor | None = None
         super().__init__(params, defaults)
@@ -164,7 +171,10 @@ class MFAC(Optimizer):
         if not any(has):  # nothing to learn from, as for torch.optim.SGD: the window stays as it is
             return loss
         decays = [group["weight_decay"] for group in self.param_groups for _ in group["params"]]
-        u, finite = pre.precondition(pre.gradient(decays, has))
+        g = pre.gradient(decays, has)
+        u, finite = pre.precondition(g)
+        if self.graft is not None:
+            self.graft.graft_(pre.direction_views, pre.views(g), finite)
         skipped = self.skipped_steps_tensor
         skipped.add_(finite.logical_not())
         views = pre.direction_views
@@ -212,6 +222,8 @@ class MFAC(Optimizer):
             buf = self.state.get(p, {}).get("momentum_buffer")
             if buf is not None and keep is not None:
                 buf.mul_(keep.to(buf.device, buf.dtype))
+        if self.graft is not None:
+            self.graft.apply_masks(check_masks(params, masks, "MFAC"))
         if self._pre is not None:
             self._pre.apply_masks(masks)
 
@@ -235,6 +247,8 @@ def _save_window(optimizer: MFAC, state_dict: dict[str, Any]) -> dict[str, Any]:
         "window": pre.state_dict() if pre is not None else None,
         "skipped_steps": optimizer.skipped_steps_tensor.detach().clone(),
     }
+    if optimizer.graft is not None:
+        state_dict["mfac"]["graft"] = optimizer.graft.state_dict()
     return state_dict
 
 
@@ -268,6 +282,8 @@ def _load_window(optimizer: MFAC, state_dict: dict[str, Any]) -> dict[str, Any]:
     device = optimizer._params()[0].device
     skipped = extra.get("skipped_steps", 0)
     optimizer._skipped = torch.as_tensor(skipped, dtype=torch.int64).to(device).clone()
+    if optimizer.graft is not None and extra.get("graft") is not None:
+        optimizer.graft.load_state_dict(extra["graft"])
     window = extra.get("window")
     ngrads, damp = saved[0]["ngrads"], saved[0]["damp"]
     if optimizer._pre is not None and (optimizer._pre.fisher.ngrads != ngrads):

@@ -1,0 +1,159 @@
+"""Learning-rate grafting for M-FAC: keep M-FAC's *direction*, take the *step size* of a simpler method.
+
+For every parameter tensor the M-FAC direction ``u = F⁻¹g`` is rescaled to the norm that the
+grafted method's direction would have on the same gradient ``g`` (Agarwal et al., "Disentangling
+Adaptive Gradient Methods from Learning Rates", 2020; the distributed Shampoo implementation
+grafts per block the same way):
+
+* ``"sgd"``: ``‖u‖ ← ‖g‖``, so ``lr·u`` has the norm of SGD's step ``lr·g``;
+* ``"adam"``: ``‖u‖ ← ‖m̂/(√v̂ + ε)‖`` with Adam's own moments ``m``, ``v`` and bias correction
+  (``torch.optim.Adam``'s conventions), so ``lr·u`` has the norm of Adam's step.
+
+This is what lets a user keep the learning rate tuned for SGD or Adam: the raw M-FAC direction's
+scale is ``~1/λ`` along directions the window has not seen, which makes lr and damp interact.
+
+Everything runs with ``torch._foreach_*`` ops on the device; a zero M-FAC direction stays zero
+(the scale is taken as 0 instead of dividing by zero), and nothing is read back to the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lightning_mfac import _validation as check
+
+GRAFTS = ("sgd", "adam")
+
+
+class Grafting:
+    """Per-tensor norm grafting. Subclasses say which norm the M-FAC direction takes."""
+
+    name = "none"
+
+    def target_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The norm of the grafted method's direction, one 0-d tensor per gradient tensor."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def graft_(self, directions: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+        """Rescale each ``directions[i]`` in place to the grafted norm computed from ``grads[i]``."""
+        directions, grads = list(directions), list(grads)
+        if len(directions) != len(grads):
+            raise ValueError(f"{type(self).__name__}: {len(directions)} directions for {len(grads)} gradients.")
+        if not directions:
+            return
+        target = self.target_norms(grads)
+        current = torch._foreach_norm(directions)
+        # where(), not clamp_min(): a tiny but non-zero direction must still get the full target norm.
+        scales = [torch.where(c > 0, t.to(c.dtype) / c, torch.zeros_like(c)) for t, c in zip(target, current, strict=True)]
+        torch._foreach_mul_(directions, scales)
+
+    def apply_masks(self, keeps: Sequence[torch.Tensor | None]) -> None:
+        """Forget pruned coordinates (``keeps[i]`` False) in any per-coordinate state."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise RuntimeError(
+                f"graft: the checkpoint was saved with graft={state.get('name')!r}, this run uses "
+                f"graft={self.name!r}: use the same graft to resume."
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class SGDGrafting(Grafting):
+    """``‖u‖ ← ‖g‖``: stateless."""
+
+    name = "sgd"
+
+    def target_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        return list(torch._foreach_norm(grads))
+
+
+class AdamGrafting(Grafting):
+    """``‖u‖ ← ‖m̂/(√v̂ + ε)‖``; the moments (float32, or float64 for float64 gradients) and the
+    step count are this object's state and go into checkpoints."""
+
+    name = "adam"
+
+    def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas={betas!r} is invalid: expected a pair (beta1, beta2) in [0, 1).")
+        self.betas = (check.in_unit_interval("betas[0]", betas[0]), check.in_unit_interval("betas[1]", betas[1]))
+        self.eps = check.positive_float("eps", eps)
+        self.steps = 0
+        self.exp_avg: list[torch.Tensor] = []
+        self.exp_avg_sq: list[torch.Tensor] = []
+
+    def target_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not self.exp_avg:
+            self.exp_avg = [torch.zeros_like(g, dtype=_state_dtype(g)) for g in grads]
+            self.exp_avg_sq = [torch.zeros_like(m) for m in self.exp_avg]
+        elif [m.shape for m in self.exp_avg] != [g.shape for g in grads]:
+            raise RuntimeError(
+                "graft='adam': the parameter shapes changed since Adam's moments were created "
+                f"({len(self.exp_avg)} tensors before, {len(grads)} now)."
+            )
+        elif self.exp_avg[0].device != grads[0].device:  # a checkpoint mapped to another device
+            self.exp_avg = [m.to(grads[0].device) for m in self.exp_avg]
+            self.exp_avg_sq = [v.to(grads[0].device) for v in self.exp_avg_sq]
+        b1, b2 = self.betas
+        g = [x.to(m.dtype) for x, m in zip(grads, self.exp_avg, strict=True)]
+        self.steps += 1
+        torch._foreach_lerp_(self.exp_avg, g, 1 - b1)
+        torch._foreach_mul_(self.exp_avg_sq, b2)
+        torch._foreach_addcmul_(self.exp_avg_sq, g, g, value=1 - b2)
+        bc1 = 1 - b1**self.steps
+        bc2_sqrt = (1 - b2**self.steps) ** 0.5
+        # torch.optim.Adam's convention: m̂ / (√v / √(1-β2ᵗ) + ε).
+        denom = torch._foreach_sqrt(self.exp_avg_sq)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, self.eps)
+        step = torch._foreach_div(self.exp_avg, denom)
+        norms = torch._foreach_norm(step)
+        return [n / bc1 for n in norms]
+
+    def apply_masks(self, keeps: Sequence[torch.Tensor | None]) -> None:
+        for m, v, keep in zip(self.exp_avg, self.exp_avg_sq, keeps, strict=False):
+            if keep is not None:
+                k = keep.reshape(m.shape).to(m.device, m.dtype)
+                m.mul_(k)
+                v.mul_(k)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "steps": self.steps,
+            "betas": self.betas,
+            "eps": self.eps,
+            "exp_avg": [m.clone() for m in self.exp_avg],
+            "exp_avg_sq": [v.clone() for v in self.exp_avg_sq],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.steps = int(state["steps"])
+        self.exp_avg = [m.clone() for m in state["exp_avg"]]
+        self.exp_avg_sq = [v.clone() for v in state["exp_avg_sq"]]
+
+    def __repr__(self) -> str:
+        return f"AdamGrafting(betas={self.betas}, eps={self.eps})"
+
+
+def _state_dtype(g: torch.Tensor) -> torch.dtype:
+    return torch.float64 if g.dtype == torch.float64 else torch.float32
+
+
+def make_grafting(graft: Any) -> Grafting | None:
+    """``None`` (no grafting), ``"sgd"``, ``"adam"`` or a :class:`Grafting` instance."""
+    if graft is None or isinstance(graft, Grafting):
+        return graft
+    check.one_of("graft", graft, (None, *GRAFTS))
+    return SGDGrafting() if graft == "sgd" else AdamGrafting()
