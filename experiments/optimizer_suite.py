@@ -75,7 +75,7 @@ class TaskSpec:
 
 @functools.cache
 def _digits() -> dict[str, torch.Tensor]:
-    from lightning_mfac.data import DigitsDataModule
+    from lightning_mfac.app.data import DigitsDataModule
 
     dm = DigitsDataModule(batch_size=64, seed=0)
     dm.setup("fit")
@@ -175,7 +175,7 @@ class Task:
 
     def model(self) -> nn.Module:
         if self.name == "digits_cnn":
-            from lightning_mfac.models import quickstart_cnn
+            from lightning_mfac.app.models import quickstart_cnn
 
             return quickstart_cnn(num_classes=10, in_channels=1)
         if self.name == "autoencoder":
@@ -259,7 +259,7 @@ def _mfac(model, lr, m, damp, graft=None, damp_mode=None):
 
 
 def _baseline(name, model, lr):
-    from lightning_mfac.optim import muon, shampoo, singd, soap
+    from lightning_mfac.app.baselines import muon, shampoo, singd, soap
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # SINGD names the layers it leaves to plain SGD
