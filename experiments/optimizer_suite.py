@@ -367,6 +367,12 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     for task in dict.fromkeys(r["task"] for r in runs):
         rows = []
         mine = [r for r in runs if r["task"] == task]
+        # An interrupted suite: keep the seeds that ran every (optimizer, lr) of the task, so that
+        # every grid point is a mean over the same seeds.
+        cells = {(r["optimizer"], r["lr"]) for r in mine}
+        seeds = [s for s in sorted({r["seed"] for r in mine})
+                 if {(r["optimizer"], r["lr"]) for r in mine if r["seed"] == s} == cells]
+        mine = [r for r in mine if r["seed"] in seeds] or mine
         for name in dict.fromkeys(r["optimizer"] for r in mine):
             by_lr: dict[float, list] = {}
             for r in mine:

@@ -33,22 +33,30 @@ class Grafting:
 
     name = "none"
 
-    def target_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The norm of the grafted method's direction, one 0-d tensor per gradient tensor."""
+    def target_norms(self, grads: list[torch.Tensor], finite: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The norm of the grafted method's direction, one 0-d tensor per gradient tensor.
+        ``finite`` (a 0-d bool tensor, False for a step the caller skips) keeps state unchanged."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def graft_(self, directions: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
-        """Rescale each ``directions[i]`` in place to the grafted norm computed from ``grads[i]``."""
+    def graft_(
+        self, directions: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], finite: torch.Tensor | None = None
+    ) -> None:
+        """Rescale each ``directions[i]`` in place to the grafted norm computed from ``grads[i]``.
+
+        ``finite``: the caller's device flag for "this gradient is finite". When it is False the
+        step is a skip: the directions become 0 and the grafting state stays as it was, decided on
+        the device (no host read)."""
         directions, grads = list(directions), list(grads)
         if len(directions) != len(grads):
             raise ValueError(f"{type(self).__name__}: {len(directions)} directions for {len(grads)} gradients.")
         if not directions:
             return
-        target = self.target_norms(grads)
+        target = self.target_norms(grads, finite)
         current = torch._foreach_norm(directions)
         # where(), not clamp_min(): a tiny but non-zero direction must still get the full target norm.
-        scales = [torch.where(c > 0, t.to(c.dtype) / c, torch.zeros_like(c)) for t, c in zip(target, current, strict=True)]
+        ok = [c > 0 if finite is None else (c > 0) & finite for c in current]
+        scales = [torch.where(k, t.to(c.dtype) / c, torch.zeros_like(c)) for k, t, c in zip(ok, target, current, strict=True)]
         torch._foreach_mul_(directions, scales)
 
     def apply_masks(self, keeps: Sequence[torch.Tensor | None]) -> None:
@@ -73,7 +81,7 @@ class SGDGrafting(Grafting):
 
     name = "sgd"
 
-    def target_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    def target_norms(self, grads: list[torch.Tensor], finite: torch.Tensor | None = None) -> list[torch.Tensor]:
         return list(torch._foreach_norm(grads))
 
 
@@ -88,14 +96,15 @@ class AdamGrafting(Grafting):
             raise ValueError(f"betas={betas!r} is invalid: expected a pair (beta1, beta2) in [0, 1).")
         self.betas = (check.in_unit_interval("betas[0]", betas[0]), check.in_unit_interval("betas[1]", betas[1]))
         self.eps = check.positive_float("eps", eps)
-        self.steps = 0
+        self.steps: torch.Tensor | int = 0  # a device tensor once stepping: skips are decided on the device
         self.exp_avg: list[torch.Tensor] = []
         self.exp_avg_sq: list[torch.Tensor] = []
 
-    def target_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    def target_norms(self, grads: list[torch.Tensor], finite: torch.Tensor | None = None) -> list[torch.Tensor]:
         if not self.exp_avg:
             self.exp_avg = [torch.zeros_like(g, dtype=_state_dtype(g)) for g in grads]
             self.exp_avg_sq = [torch.zeros_like(m) for m in self.exp_avg]
+            self.steps = torch.as_tensor(self.steps, dtype=torch.float64, device=grads[0].device)
         elif [m.shape for m in self.exp_avg] != [g.shape for g in grads]:
             raise RuntimeError(
                 "graft='adam': the parameter shapes changed since Adam's moments were created "
@@ -104,21 +113,32 @@ class AdamGrafting(Grafting):
         elif self.exp_avg[0].device != grads[0].device:  # a checkpoint mapped to another device
             self.exp_avg = [m.to(grads[0].device) for m in self.exp_avg]
             self.exp_avg_sq = [v.to(grads[0].device) for v in self.exp_avg_sq]
+            self.steps = self.steps.to(grads[0].device)
         b1, b2 = self.betas
         g = [x.to(m.dtype) for x, m in zip(grads, self.exp_avg, strict=True)]
-        self.steps += 1
+        if finite is not None:
+            # Zeros instead of inf/NaN in the arithmetic; the old moments come back below.
+            g = [torch.where(finite, x, torch.zeros_like(x)) for x in g]
+            before = [t.clone() for t in (*self.exp_avg, *self.exp_avg_sq)]
         torch._foreach_lerp_(self.exp_avg, g, 1 - b1)
         torch._foreach_mul_(self.exp_avg_sq, b2)
         torch._foreach_addcmul_(self.exp_avg_sq, g, g, value=1 - b2)
-        bc1 = 1 - b1**self.steps
-        bc2_sqrt = (1 - b2**self.steps) ** 0.5
+        if finite is not None:
+            for t, old in zip((*self.exp_avg, *self.exp_avg_sq), before, strict=True):
+                t.copy_(torch.where(finite, t, old))
+            self.steps = self.steps + finite.to(self.steps.dtype)
+        else:
+            self.steps = self.steps + 1
+        steps = self.steps.clamp_min(1)  # a skipped first step: its norms are discarded anyway
+        bc1 = 1 - torch.pow(b1, steps)
+        bc2_sqrt = (1 - torch.pow(b2, steps)).sqrt()
         # torch.optim.Adam's convention: m̂ / (√v / √(1-β2ᵗ) + ε).
         denom = torch._foreach_sqrt(self.exp_avg_sq)
-        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_div_(denom, bc2_sqrt.to(denom[0].dtype))
         torch._foreach_add_(denom, self.eps)
         step = torch._foreach_div(self.exp_avg, denom)
         norms = torch._foreach_norm(step)
-        return [n / bc1 for n in norms]
+        return [n / bc1.to(n.dtype) for n in norms]
 
     def apply_masks(self, keeps: Sequence[torch.Tensor | None]) -> None:
         for m, v, keep in zip(self.exp_avg, self.exp_avg_sq, keeps, strict=False):
@@ -130,7 +150,7 @@ class AdamGrafting(Grafting):
     def state_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "steps": self.steps,
+            "steps": self.steps.clone() if isinstance(self.steps, torch.Tensor) else self.steps,
             "betas": self.betas,
             "eps": self.eps,
             "exp_avg": [m.clone() for m in self.exp_avg],
@@ -139,9 +159,10 @@ class AdamGrafting(Grafting):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.steps = int(state["steps"])
         self.exp_avg = [m.clone() for m in state["exp_avg"]]
         self.exp_avg_sq = [v.clone() for v in state["exp_avg_sq"]]
+        device = self.exp_avg[0].device if self.exp_avg else None
+        self.steps = torch.as_tensor(state["steps"], dtype=torch.float64, device=device).clone()
 
     def __repr__(self) -> str:
         return f"AdamGrafting(betas={self.betas}, eps={self.eps})"
