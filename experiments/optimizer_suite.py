@@ -514,25 +514,34 @@ def _jobs(args, tasks, names, seeds) -> list[dict[str, Any]]:
     return jobs
 
 
-def _damp_study_jobs(args, seeds) -> list[dict[str, Any]]:
-    """lr x damp grid for the M-FAC variants, absolute and relative damping."""
-    task = args.tasks.split(",")[0]
-    spec = TASKS[task]
+#: the damping grids of ``--study damp``: absolute λ, and the factor δ of λ = δ·mean(diag GGᵀ)/m
+DAMP_GRIDS = {"absolute": [1e-4, 1e-3, 1e-2, 1e-1], "relative": [0.1, 1.0, 10.0, 100.0]}
+
+
+def _damp_study_jobs(args, tasks, seeds) -> list[dict[str, Any]]:
+    """lr x damp grid for the M-FAC variants, with absolute and relative damping.
+
+    ``--study-lrs`` chooses the lrs per optimizer (``name=lr:lr:...``, comma-separated); an
+    optimizer not named there runs the middle three of its grid."""
+    chosen = {}
+    for item in filter(None, (args.study_lrs or "").split(",")):
+        name, _, lrs = item.partition("=")
+        chosen[name] = [float(v) for v in lrs.split(":")]
     jobs = []
-    damps = {"absolute": [1e-5, 1e-4, 1e-3, 1e-2], "relative": [1e-3, 1e-2, 1e-1, 1.0]}
     for seed in seeds:
-        for name in args.optimizers.split(","):
-            for mode, grid in damps.items():
-                if mode not in args.damp_modes.split(","):
-                    continue
-                for damp in grid:
-                    for lr in OPTIMIZERS[name][0]:
-                        jobs.append({
-                            "task": task, "optimizer": name, "lr": lr, "seed": seed,
-                            "steps": args.steps or spec.steps, "batch_size": spec.batch_size,
-                            "m": args.ngrads or spec.m, "damp": damp,
-                            "damp_mode": None if mode == "absolute" else mode, "evals": args.evals,
-                        })
+        for task in tasks:
+            spec = TASKS[task]
+            for name in args.optimizers.split(","):
+                lrs = chosen.get(name) or OPTIMIZERS[name][0][1:4]
+                for mode in args.damp_modes.split(","):
+                    for damp in DAMP_GRIDS[mode]:
+                        for lr in lrs:
+                            jobs.append({
+                                "task": task, "optimizer": name, "lr": lr, "seed": seed,
+                                "steps": args.steps or spec.steps, "batch_size": spec.batch_size,
+                                "m": args.ngrads or spec.m, "damp": damp,
+                                "damp_mode": None if mode == "absolute" else mode, "evals": args.evals,
+                            })
     return jobs
 
 
@@ -578,8 +587,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="worker processes (1 torch thread each)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 3 lrs, 40 steps, m=32")
     parser.add_argument("--study", default="suite", choices=["suite", "damp"],
-                        help="'damp': lr x damp grid of --optimizers on the first task, absolute and relative damping")
+                        help="'damp': lr x damp grid of --optimizers on --tasks, absolute and relative damping")
     parser.add_argument("--damp-modes", default="absolute,relative")
+    parser.add_argument("--study-lrs", default=None, help="--study damp: lrs per optimizer, e.g. 'mfac=0.003:0.01,sgd+mfac+sgd=0.1'")
     parser.add_argument("--out", default=str(HERE / "optimizer_suite"), help="prefix of the .json / .png outputs")
     parser.add_argument("--summarize", default=None, metavar="RUNS.jsonl",
                         help="only summarize the runs logged in RUNS.jsonl (e.g. of an interrupted suite)")
@@ -602,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.study == "damp":
         if args.optimizers is None:
             args.optimizers = "mfac,mfac+adam,sgd+mfac+sgd"
-        jobs = _damp_study_jobs(args, seeds)
+        jobs = _damp_study_jobs(args, tasks, seeds)
     else:
         jobs = _jobs(args, tasks, names, seeds)
     out = Path(args.out)
@@ -644,9 +654,9 @@ def damp_markdown(runs: list[dict[str, Any]]) -> str:
     """Per optimizer and damping mode: final val loss over lr (rows) x damp (columns), and the
     spread of the whole grid (how many cells end within 1.5x of the best)."""
     parts = []
-    for name in dict.fromkeys(r["optimizer"] for r in runs):
+    for task, name in dict.fromkeys((r["task"], r["optimizer"]) for r in runs):
         for mode in dict.fromkeys(r["damp_mode"] for r in runs):
-            mine = [r for r in runs if r["optimizer"] == name and r["damp_mode"] == mode]
+            mine = [r for r in runs if r["task"] == task and r["optimizer"] == name and r["damp_mode"] == mode]
             if not mine:
                 continue
             damps = sorted({r["damp"] for r in mine})
@@ -655,7 +665,8 @@ def damp_markdown(runs: list[dict[str, Any]]) -> str:
                     for lr in lrs for d in damps}
             best = min(cell.values())
             good = sum(v <= 1.5 * best for v in cell.values())
-            lines = [f"**{name}, damping {mode or 'absolute'}** (best {best:.4f}; {good}/{len(cell)} cells within 1.5×)",
+            lines = [f"**{task}, {name}, damping {mode or 'absolute'}** (best {best:.4f}; {good}/{len(cell)} cells "
+                     "within 1.5× of it)",
                      "", "| lr \\ damp | " + " | ".join(f"{d:g}" for d in damps) + " |",
                      "| --- |" + " --- |" * len(damps)]
             for lr in lrs:
