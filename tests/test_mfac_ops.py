@@ -8,31 +8,11 @@ counted apart, so these bounds hold whatever the engine does.
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from dispatch_counters import DispatchCounter
 
 from lightning_mfac import MFAC
-
-LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
-
-
-class _Ops(TorchDispatchMode):
-    """Counts every aten op that reaches the dispatcher (a minimal local counter)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func] += 1
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
 
 
 def _resnet20_shapes() -> list[tuple[int, ...]]:
@@ -70,10 +50,10 @@ def _count_steps(shapes, split, steps=4, counted=2):
     inside = {"ops": 0, "reads": 0}
 
     def counted_update_mul(*args, **kwargs):
-        with _Ops() as ops:
+        with DispatchCounter() as c:
             out = engine_call(*args, **kwargs)
-        inside["ops"] += ops.total
-        inside["reads"] += ops.counts[LOCAL_SCALAR]
+        inside["ops"] += c.ops
+        inside["reads"] += c.host_reads
         return out
 
     pre.fisher.update_mul = counted_update_mul
@@ -85,9 +65,9 @@ def _count_steps(shapes, split, steps=4, counted=2):
             opt.step()
             continue
         inside.update(ops=0, reads=0)
-        with _Ops() as ops:
+        with DispatchCounter() as c:
             opt.step()
-        totals.append((ops.total, ops.total - inside["ops"], ops.counts[LOCAL_SCALAR] - inside["reads"]))
+        totals.append((c.ops, c.ops - inside["ops"], c.host_reads - inside["reads"]))
     return totals, torch.nn.utils.parameters_to_vector(params).detach()
 
 
@@ -114,17 +94,17 @@ def test_skipped_step_reads_nothing_on_the_host(momentum):
     reads = {"engine": 0}
 
     def counted_update_mul(*args, **kwargs):
-        with _Ops() as ops:
+        with DispatchCounter() as c:
             out = engine_call(*args, **kwargs)
-        reads["engine"] += ops.counts[LOCAL_SCALAR]
+        reads["engine"] += c.host_reads
         return out
 
     pre.fisher.update_mul = counted_update_mul
     for value in (1.0, float("nan"), 1.0):
         for q in model.parameters():
             q.grad = torch.full_like(q, value)
-        with _Ops() as ops:
+        with DispatchCounter() as c:
             opt.step()
-        assert ops.counts[LOCAL_SCALAR] == reads["engine"]
+        assert c.host_reads == reads["engine"], c.summary()
         reads["engine"] = 0
     assert opt.skipped_steps == 1

@@ -93,7 +93,8 @@ class FlatPreconditioner:
 
     * :meth:`gradient` — the flat ``∇L + weight_decay·w`` of this step (an internal buffer);
     * :meth:`precondition` — feed it to the window, get ``(F⁻¹g, finite)`` on the device;
-    * :attr:`direction_views` — the last direction, shaped like ``params`` (for ``torch._foreach_*``);
+    * :attr:`gradient_views` / :attr:`direction_views` — the last gradient and direction, shaped
+      like ``params`` (for ``torch._foreach_*``; no view is made per step);
     * :meth:`with_grad` — which parameters had a gradient (they are the ones to update);
     * :meth:`apply_masks`, :meth:`verify`, :meth:`state_dict` / :meth:`load_state_dict`.
 
@@ -136,7 +137,8 @@ class FlatPreconditioner:
         self._grad = torch.zeros(self.dim, dtype=grad_dtype, device=self.device)
         self._direction = torch.zeros(self.dim, dtype=dir_dtype, device=self.device)
         self._zero = torch.zeros((), dtype=dir_dtype, device=self.device)
-        self._grad_views = self.views(self._grad)
+        self.gradient_views: list[torch.Tensor] = self.views(self._grad)
+        """Views of the last :meth:`gradient` shaped like ``params`` (valid until the next call)."""
         self.direction_views: list[torch.Tensor] = self.views(self._direction)
         """Views of the last direction shaped like ``params`` (valid until the next step)."""
 
@@ -180,9 +182,9 @@ class FlatPreconditioner:
         )
         if len(decays) != len(self.params):
             raise ValueError(f"{self.owner}: {len(decays)} weight decays for {len(self.params)} parameters.")
-        dst = [v for v, h in zip(self._grad_views, has, strict=True) if h]
+        dst = [v for v, h in zip(self.gradient_views, has, strict=True) if h]
         if len(dst) < len(self.params):
-            torch._foreach_zero_([v for v, h in zip(self._grad_views, has, strict=True) if not h])
+            torch._foreach_zero_([v for v, h in zip(self.gradient_views, has, strict=True) if not h])
         if dst:
             torch._foreach_copy_(dst, [p.grad for p, h in zip(self.params, has, strict=True) if h])
         # One foreach per run of equal decay values (one per parameter group in practice).
@@ -194,7 +196,7 @@ class FlatPreconditioner:
                     idx = [i for i in range(start, end) if has[i]]
                     if idx:
                         torch._foreach_add_(
-                            [self._grad_views[i] for i in idx], [self.params[i] for i in idx], alpha=wd
+                            [self.gradient_views[i] for i in idx], [self.params[i] for i in idx], alpha=wd
                         )
                 start = end
         return self._grad

@@ -174,7 +174,7 @@ class MFAC(Optimizer):
         g = pre.gradient(decays, has)
         u, finite = pre.precondition(g)
         if self.graft is not None:
-            self.graft.graft_(pre.direction_views, pre.views(g), finite)
+            self.graft.graft_(pre.direction_views, pre.gradient_views, finite)
         skipped = self.skipped_steps_tensor
         skipped.add_(finite.logical_not())
         views = pre.direction_views
