@@ -85,10 +85,10 @@ def test_static_float32_accuracy_on_real_gradients(
     window = gradients[-m:]
     s64 = StaticFisherInverse(window, damp, block_size=block_size)
     s32 = StaticFisherInverse(window.to(torch.float32), damp, block_size=block_size)
-    assert s32.dtype == torch.float32  # Q (or the block inverses) kept in float32
+    assert s32.dtype == torch.float32  # G kept in float32 (the factor in float64)
     diag_err = float(((s32.diag() - s64.diag()).abs() / s64.diag().abs()).max())
     fresh = gradients[:8].t().contiguous()  # gradients from before the window
-    inside = window[-4:].t().contiguous()  # gradients in the window: the hard case for (x − QᵀQx)/λ
+    inside = window[-4:].t().contiguous()  # gradients in the window: x − GᵀS⁻¹Gx cancels most of x
     mul_fresh = rel(s32.mul(fresh.to(torch.float32)), s64.mul(fresh))
     mul_inside = rel(s32.mul(inside.to(torch.float32)), s64.mul(inside))
     print(
@@ -97,6 +97,7 @@ def test_static_float32_accuracy_on_real_gradients(
     )
     # Rounding the gradients to float32 is the only difference for the diagonal (computed in float64).
     assert diag_err <= 1e-5
-    assert mul_fresh <= 1e-5
-    # Q in float32 under the cancellation x − Qᵀ(Qx) for a gradient the window holds.
-    assert mul_inside <= 1e-4
+    # G at its float32 width, the factor in float64 and float64-accumulating passes: the float32
+    # rounding of the gradients is all that separates the two (a float32 Q lost 1e-5 to 4e-4 here).
+    assert mul_fresh <= 1e-6
+    assert mul_inside <= 1e-6

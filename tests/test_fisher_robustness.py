@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_mfac.fisher import DynamicFisherInverse, StaticFisherInverse, WindowConfig, make_window
-from lightning_mfac.fisher._numerics import _ieee_fp32, spd_cholesky, spd_inverse, warn_once
+from lightning_mfac.fisher._numerics import spd_cholesky, spd_inverse, warn_once
 
 PIVOT_WARNING = "non-positive pivot"
 
@@ -241,9 +241,18 @@ def test_unknown_window_dtype(dtype) -> None:
         DynamicFisherInverse(10, 4, window=WindowConfig(dtype=dtype))
 
 
-def test_static_q_dtype_must_be_float32_or_float64() -> None:
-    with pytest.raises(ValueError, match="dtype=torch.bfloat16"):
-        StaticFisherInverse(torch.randn(3, 10), 0.1, window=WindowConfig(dtype=torch.bfloat16))
+def test_static_window_dtype_and_storage() -> None:
+    """G may be kept in bfloat16 (the inverse of the rounded gradients); a sharded static window is refused."""
+    grads = torch.randn(3, 10, dtype=torch.float64)
+    rounded = grads.to(torch.bfloat16).to(torch.float64)
+    bf16 = StaticFisherInverse(grads, 0.1, window=WindowConfig(dtype=torch.bfloat16))
+    ref = StaticFisherInverse(rounded, 0.1)
+    assert bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16.diag(), ref.diag(), rtol=1e-12, atol=0)
+    x = torch.randn(10, dtype=torch.float64)
+    torch.testing.assert_close(bf16.mul(x), ref.mul(x), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="storage='sharded' is invalid for StaticFisherInverse"):
+        StaticFisherInverse(grads, 0.1, window=WindowConfig(storage="sharded"))
 
 
 def test_sharded_storage_needs_a_process_group() -> None:
@@ -251,23 +260,6 @@ def test_sharded_storage_needs_a_process_group() -> None:
         pytest.skip("a process group is initialized in this process")
     with pytest.raises(RuntimeError, match="storage='sharded' needs an initialized torch.distributed"):
         DynamicFisherInverse(10, 4, window=WindowConfig(storage="sharded"))
-
-
-def test_tf32_guard_restores_the_user_setting() -> None:
-    """The CUDA window products run with full float32 matmuls whatever the user's precision
-    setting, which is restored afterwards (the flags can be set without a GPU)."""
-    flags = torch.backends.cuda.matmul
-    if not hasattr(flags, "fp32_precision"):
-        pytest.skip("torch without the per-backend fp32_precision flag")
-    saved = flags.fp32_precision
-    try:
-        for setting in ("none", "tf32", "ieee"):
-            flags.fp32_precision = setting
-            with _ieee_fp32():
-                assert flags.fp32_precision == "ieee"
-            assert flags.fp32_precision == setting
-    finally:
-        flags.fp32_precision = saved
 
 
 @pytest.mark.parametrize(

@@ -135,3 +135,20 @@ def test_property_random_shapes(
     torch.testing.assert_close(inv.mul(x), ref @ x, rtol=1e-8, atol=1e-9 * scale * float(x.abs().max()))
     i, j = seed % d, (seed // 7) % d
     assert inv.entry(i, j) == pytest.approx(float(ref[i, j]), rel=1e-7, abs=1e-9 * scale)
+
+
+@pytest.mark.parametrize("block_size", [None, 1024])
+def test_no_second_window_in_memory(block_size: int | None) -> None:
+    """G is kept as given (no copy, no Q): construction, diag, mul and entries allocate at most a
+    float64 column tile, far below the window."""
+    from dispatch_counters import DispatchCounter
+
+    m, d = 32, 200_000
+    grads = torch.randn(m, d, generator=torch.Generator().manual_seed(0))
+    with DispatchCounter() as c:
+        inv = StaticFisherInverse(grads, 1e-3, block_size=block_size, window=WindowConfig(page_cols=8192))
+        inv.diag()
+        inv.mul(grads[0])
+        inv.entries(torch.tensor([0, 5, 70_000]), torch.tensor([3, 5, 70_001]))
+    window = grads.numel() * grads.element_size()
+    assert c.largest_bytes <= 0.1 * window, c.summary()

@@ -1,163 +1,20 @@
-"""Numerically careful building blocks shared by the static and dynamic inverse Fisher.
-
-Two facts drive everything here (see DESIGN.md, "Numerics"):
-
-* ``S = m·λ·I + G Gᵀ`` can be badly conditioned and ``F⁻¹x`` is a difference of nearly equal
-  vectors, so the ``m × m`` algebra runs in float64 (it is tiny) and the dot products ``G x`` never
-  run as long float32 sums -- the window is read once, at its own width. On the CPU each
-  cache-sized column slab is widened to float64 and multiplied there (exact products, float64
-  sums; faster than the batched float32 alternative on the CPU). On CUDA they are float32
-  partial sums over column chunks combined in float64, with TF32 switched off for the call.
-  Measured on real gradients (tests/test_fisher_accuracy.py): float32 sums over 4096-column
-  chunks left 1e-5 relative error in ``F⁻¹g`` (through ``K``); exact float64 sums leave 2e-7.
-* ``S ⪰ m·λ·I`` exactly, so a non-positive Cholesky pivot can only come from rounding; the
-  fallback clamps the eigenvalues at that bound instead of failing or returning NaN.
+"""Numerically careful building blocks shared by the static and dynamic inverse Fisher
+(docs/design.md, "Numerics"): the ``m × m`` algebra runs in float64, and a factorization never
+fails -- ``S ⪰ m·λ·I`` exactly, so a non-positive Cholesky pivot can only come from rounding, and
+the fallback clamps the eigenvalues at that bound instead of failing or returning NaN. (The window
+passes accumulate in float64 in ``fisher.kernels``.)
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import torch
-
-#: Columns per float32 partial sum (CUDA); 4096 keeps the float32 error at the rounding level of
-#: one chunk while the float64 combination costs nothing next to the pass over the window.
-DOT_CHUNK = 4096
-#: Elements of the float64 work slab on the CPU (256 KiB): it stays in cache, and at torch's
-#: parallel grain size the widening copy runs on the calling thread (an OpenMP hand-off per slab
-#: was measured 5-10x slower on a busy 2-core machine).
-SLAB_ELEMS = 1 << 15
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype in which a window of ``dtype`` is multiplied: at least float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def chunked_dots(rows: torch.Tensor, x: torch.Tensor, chunk: int = DOT_CHUNK) -> torch.Tensor:
-    """``rows @ x`` in float64: exact products summed in float64 on the CPU, float32 partial sums
-    over column chunks combined in float64 on CUDA.
-
-    ``rows`` is ``(m, n)`` in any float dtype, ``x`` is ``(n, k)``; returns ``(m, k)`` float64.
-    """
-    if rows.dtype == torch.float64:
-        return rows @ x.to(torch.float64)
-    if rows.device.type == "cpu":
-        return _slab_dots(rows, x)
-    with _ieee_fp32():
-        return _chunk_dots(rows, x, chunk)
-
-
-def _slab_dots(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    m, n = rows.shape
-    cols = _slab_cols(m, n)
-    buf = torch.empty(m * cols, dtype=torch.float64, device=rows.device)
-    out = torch.zeros(m, x.shape[1], dtype=torch.float64, device=rows.device)
-    for c0 in range(0, n, cols):
-        w = min(cols, n - c0)
-        slab = buf[: m * w].view(m, w)
-        slab.copy_(rows[:, c0 : c0 + w])
-        out.addmm_(slab, x[c0 : c0 + w].to(torch.float64))
-    return out
-
-
-def _slab_cols(m: int, n: int) -> int:
-    return max(1, min(n, max(32, SLAB_ELEMS // max(1, m))))
-
-
-@contextlib.contextmanager
-def _ieee_fp32():
-    """Full float32 CUDA matmuls for the duration: a user's ``set_float32_matmul_precision("high")``
-    would otherwise turn the window products into TF32 (about 1e-3 relative error). Uses the
-    per-backend flag, which overrides the global setting and is restored exactly."""
-    flags = torch.backends.cuda.matmul
-    if hasattr(flags, "fp32_precision"):
-        previous = flags.fp32_precision
-        if previous == "ieee":
-            yield
-            return
-        flags.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            flags.fp32_precision = previous
-    else:  # torch < 2.9: the legacy flag
-        previous = flags.allow_tf32
-        flags.allow_tf32 = False
-        try:
-            yield
-        finally:
-            flags.allow_tf32 = previous
-
-
-def _chunk_dots(rows: torch.Tensor, x: torch.Tensor, chunk: int) -> torch.Tensor:
-    m, n = rows.shape
-    k = x.shape[1]
-    x32 = x.to(torch.float32)
-    if rows.dtype == torch.float32 and n >= 2 * chunk:
-        # One strided batched GEMM over all full chunks: every chunk's sum stays a float32 partial.
-        full = (n // chunk) * chunk
-        parts = torch.bmm(
-            rows[:, :full].unflatten(1, (n // chunk, chunk)).transpose(0, 1),
-            x32[:full].unflatten(0, (n // chunk, chunk)),
-        )
-        out = parts.to(torch.float64).sum(0)
-        if full < n:
-            out += (rows[:, full:] @ x32[full:]).to(torch.float64)
-        return out
-    out = torch.zeros(m, k, dtype=torch.float64, device=rows.device)
-    for c0 in range(0, n, chunk):
-        # Narrow windows (bfloat16) are widened one chunk at a time: no full-size copy.
-        block = rows[:, c0 : c0 + chunk].to(torch.float32)
-        out += (block @ x32[c0 : c0 + chunk]).to(torch.float64)
-    return out
-
-
-def combine_rows(rows: torch.Tensor, coeffs: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
-    """``rowsᵀ @ coeffs`` as ``(n, k)`` in the compute dtype of ``rows``.
-
-    ``coeffs`` (float64, ``(m, k)``) is split into a high and a low float32 part so that the
-    float64 precision of the ``m × m`` solve is not rounded away before the pass over the window.
-    """
-    cdt = compute_dtype(rows.dtype)
-    if cdt == torch.float64:
-        return rows.t() @ coeffs.to(torch.float64)
-    if rows.device.type == "cpu":
-        return _slab_combine(rows, coeffs)
-    with _ieee_fp32():
-        return _split_combine(rows, coeffs, chunk)
-
-
-def _slab_combine(rows: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
-    """CPU: exact products and float64 sums, one cache-sized float64 slab at a time."""
-    m, n = rows.shape
-    cols = _slab_cols(m, n)
-    c64 = coeffs.to(torch.float64)
-    buf = torch.empty(m * cols, dtype=torch.float64, device=rows.device)
-    out = torch.empty(n, coeffs.shape[1], dtype=torch.float32, device=rows.device)
-    for c0 in range(0, n, cols):
-        w = min(cols, n - c0)
-        slab = buf[: m * w].view(m, w)
-        slab.copy_(rows[:, c0 : c0 + w])
-        out[c0 : c0 + w] = slab.t() @ c64
-    return out
-
-
-def _split_combine(rows: torch.Tensor, coeffs: torch.Tensor, chunk: int) -> torch.Tensor:
-    hi = coeffs.to(torch.float32)
-    lo = (coeffs - hi.to(torch.float64)).to(torch.float32)
-    both = torch.cat([hi, lo], dim=1)
-    k = coeffs.shape[1]
-    if rows.dtype == torch.float32:
-        prod = rows.t() @ both
-        return prod[:, :k] + prod[:, k:]
-    n = rows.shape[1]
-    out = torch.empty(n, k, dtype=torch.float32, device=rows.device)
-    for c0 in range(0, n, chunk):
-        prod = rows[:, c0 : c0 + chunk].to(torch.float32).t() @ both
-        out[c0 : c0 + chunk] = prod[:, :k] + prod[:, k:]
-    return out
 
 
 class _WarnOnce:
@@ -192,9 +49,9 @@ def spd_inverse(s: torch.Tensor, floor: float | torch.Tensor) -> torch.Tensor:
         factor[bad] = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
     inv = torch.cholesky_inverse(factor)
     if bool(bad.any()):
-        inv[bad] = _eig_inverse(s[bad], floor)
+        inv[bad] = eig_inverse(s[bad], floor)
     if not bool(torch.isfinite(inv).all()):
-        inv = _eig_inverse(s, floor)
+        inv = eig_inverse(s, floor)
     return inv
 
 
@@ -242,6 +99,7 @@ def _clamped_eigh(s: torch.Tensor, floor: float | torch.Tensor) -> tuple[torch.T
     return vals.clamp_min(lower), vecs
 
 
-def _eig_inverse(s: torch.Tensor, floor: float | torch.Tensor) -> torch.Tensor:
+def eig_inverse(s: torch.Tensor, floor: float | torch.Tensor) -> torch.Tensor:
+    """Inverse through the eigendecomposition, eigenvalues clamped at ``floor`` (the fallback)."""
     vals, vecs = _clamped_eigh(s, floor)
     return (vecs / vals.unsqueeze(-2)) @ vecs.transpose(-1, -2)

@@ -1,35 +1,51 @@
 """Dynamic M-FAC: the inverse empirical Fisher of a sliding window of the last ``m`` gradients.
 
 Frantar, Kurtic & Alistarh, "M-FAC: Efficient Matrix-Free Approximations of Second-Order
-Information", NeurIPS 2021, Section 4 (the dynamic algorithm), in the Gram formulation of
-DESIGN.md:
+Information", NeurIPS 2021, Section 4 (the dynamic algorithm), in the Gram form of
+docs/design.md ("Dynamic M-FAC"):
 
-    F = λ·I + (1/m)·GᵀG,        S = m·λ·I + G Gᵀ   (m × m),
-    F⁻¹x = (x − Gᵀ S⁻¹ (G x)) / λ.
+    F = λ·I + (1/m)·GᵀG,        C = λ·I + G Gᵀ/m   (m × m, "the core"),
+    F⁻¹x = (x − Gᵀ C⁻¹ (G x)/m) / λ,        F⁻¹gⱼ = Gᵀ C⁻¹ eⱼ   for a row gⱼ of G.
 
 ``G`` is a ring buffer; empty slots are zero rows and ``m`` is always the capacity. Replacing row
-``j`` by a new gradient ``g`` changes row and column ``j`` of ``S`` only, so ``S⁻¹`` is updated in
-``O(m²)`` (remove row/column ``j`` by a Schur downdate, insert the new one by a bordered inverse)
-and rebuilt from the float64 Gram ``K = G Gᵀ`` every ``refactor_every`` steps, which bounds the
-drift and keeps the amortized cost ``O(m²)``. A step therefore reads the window twice (``G g``
-and ``Gᵀ c``) and does ``O(m²)`` float64 work.
+``j`` changes row and column ``j`` of ``C`` only: ``C⁻¹`` is updated in ``O(m²)`` (Schur downdate of
+row/column ``j``, bordered insertion of the new one) and rebuilt from ``C`` every ``refactor_every``
+steps. A step reads the window twice (``G g`` and one combination) and does ``O(m²)`` float64 work.
 
-``update_mul`` multiplies the gradient it has just stored, i.e. row ``j`` of ``G``, and uses
-``F Gᵀ = Gᵀ S / m``, hence ``F⁻¹ gⱼ = m·Gᵀ S⁻¹ eⱼ``: one combination of the window with the
-column ``j`` of ``S⁻¹``, free of the cancellation in ``g − Gᵀc`` (``λ·F⁻¹g`` is often 1e-3 of
-``g``, so a float32 ``g − Gᵀc`` alone costs 1e-5 relative error).
+The step never reads a device value on the host (docs/design.md, "Host reads"): the slot is
+``count mod m`` with ``count`` a device tensor, the new gradient is staged beside the window and
+enters it through an index copy whose target (slot or "drop") is chosen on the device, and the
+update of ``C⁻¹`` is checked on the device (the residual of the column the direction uses, after one
+refinement step, and the finiteness of ``g``, read off ``‖g‖²``). A step that fails either check
+changes nothing and returns a zero direction with its flag False -- the same contract as an AMP
+overflow, so the caller's skip handles both, and no wrong direction can reach a step between two
+host reads. The host reads one number per refactorization: the new ``λ``, whether the
+factorization needed the eigendecomposition fallback, and whether updates were rejected. After a
+period with rejections (and during the first period, while the window's conditioning is unknown)
+the engine is *guarded*: it reads each step's flag and puts a rejected gradient in through a fresh
+factorization, as exact as before, at one host read per step.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from lightning_mfac import _validation as check
-from lightning_mfac.fisher._numerics import compute_dtype, spd_inverse, warn_once
+from lightning_mfac.fisher._numerics import compute_dtype, eig_inverse, warn_once
 from lightning_mfac.fisher.config import WindowConfig, reject_legacy_arguments
 from lightning_mfac.fisher.storage import WindowStorage, make_window
+
+DAMP_MODES = ("absolute", "relative")
+#: Largest entry of the residual ``C'x − eⱼ`` of the (refined) updated column for which the
+#: ``O(m²)`` update is accepted. The residual is dimensionless and bounds the relative error of the
+#: direction (times the number of rows it spreads over); beyond it the update has drifted
+#: (measured before refinement: 34% error in F⁻¹g on a nearly rank-deficient window).
+DRIFT_TOL = 1e-9
+#: The rounding level of that residual on an ill-conditioned core, in units of ε·max|C|·max|C⁻¹|.
+RESIDUAL_ROUNDING = 4.0
 
 
 class DynamicFisherInverse:
@@ -38,11 +54,15 @@ class DynamicFisherInverse:
     Args:
         dim: number of coordinates ``d``.
         ngrads: window size ``m`` (the capacity; the Fisher always divides by it).
-        damp: dampening ``λ > 0``.
+        damp: dampening: ``λ`` itself (``damp_mode="absolute"``), or the factor ``δ`` of
+            ``λ = δ·mean(diag GGᵀ)/m`` (``damp_mode="relative"``), which follows the scale of the
+            gradients; it is recomputed on the device at every refactorization (and at calls
+            1, 2, 4, … while the window fills), and is ``δ`` while the window is empty.
         device: compute device (default CPU). Inputs must live there.
         window: how the window is stored and multiplied (:class:`~lightning_mfac.fisher.config.WindowConfig`
             or a mapping of its fields): dtype (default float32), storage, page geometry,
             ``refactor_every`` (default ``m``), kernels and process group.
+        damp_mode: ``"absolute"`` or ``"relative"``.
     """
 
     def __init__(
@@ -53,12 +73,14 @@ class DynamicFisherInverse:
         device: torch.device | str | None = None,
         *,
         window: WindowConfig | dict[str, Any] | None = None,
+        damp_mode: str = "absolute",
         **legacy: Any,
     ) -> None:
         reject_legacy_arguments("DynamicFisherInverse", legacy)
         self.dim = check.positive_int("dim", dim)
         self.ngrads = check.positive_int("ngrads", ngrads)
         self.damp = check.positive_float("damp", damp)
+        self.damp_mode = check.one_of("damp_mode", damp_mode, DAMP_MODES)
         self.config = WindowConfig.coerce(window)
         self.dtype = self.config.resolved_dtype(torch.float32)
         self.refactor_every = self.config.refactor_every or self.ngrads
@@ -72,38 +94,113 @@ class DynamicFisherInverse:
             self.config.page_cols,
             self.config.page_budget_bytes,
             self.config.process_group,
+            self.config.kernels,
         )
         self.storage = type(self.window).__name__
         self.cdtype = compute_dtype(self.dtype)
+        m, dev, f64 = self.ngrads, self.device, torch.float64
+        # Persistent device state, updated in place (so a captured step replays on it). The core
+        # and its inverse carry a zero row/column m for the staged gradient: every vector of the
+        # step has m + 1 entries and the staged row's coefficient comes out of the same algebra.
+        self.core = torch.zeros(m + 1, m + 1, dtype=f64, device=dev)
+        self.core_inverse = torch.zeros(m + 1, m + 1, dtype=f64, device=dev)
+        self._count = torch.zeros(1, dtype=torch.long, device=dev)
+        # Finite gradients seen, and how many of them were not stored at the last refactor.
+        self._finite_count = torch.zeros(1, dtype=torch.long, device=dev)
+        self._reported = torch.zeros(1, dtype=torch.long, device=dev)
+        self._lam_t = torch.zeros((), dtype=f64, device=dev)
+        self._drift_tol = torch.full((), DRIFT_TOL, dtype=f64, device=dev)
+        # Constants and work buffers of the step.
+        self._arange = torch.arange(m + 1, device=dev)
+        self._scale = torch.full((m + 1,), 1.0 / m, dtype=f64, device=dev)
+        self._scale[m] = 0.0
+        self._drop = torch.tensor(m, device=dev)
+        self._zero64 = torch.zeros((), dtype=f64, device=dev)
+        self._zero_out = torch.zeros((), dtype=self.cdtype, device=dev)
+        self._onehot = torch.zeros(m + 1, dtype=f64, device=dev)
+        self._column = torch.zeros(m + 1, dtype=f64, device=dev)
+        self._column_row, self._column_col = self._column.view(1, m + 1), self._column.view(m + 1, 1)
+        self._dots = torch.zeros(m + 1, dtype=f64, device=dev)
+        self._staged_norm = self._dots[m]
+        self.finite = torch.ones((), dtype=torch.bool, device=dev)
         self.reset()
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
-        """Empty the window: F = λ·I again."""
+        """Empty the window: F = λ·I again (λ = δ in relative mode until the window has gradients)."""
         m = self.ngrads
         self.window.zero_()
-        self.gram = torch.zeros(m, m, dtype=torch.float64, device=self.device)
-        self.damped_gram_inverse = torch.eye(m, dtype=torch.float64, device=self.device) / (m * self.damp)
-        self.slot = 0
-        self.count = 0
+        self._set_lambda(self.damp)
+        self.core.zero_()
+        self.core[:m, :m].diagonal().fill_(self.lam)
+        self.core_inverse.zero_()
+        self.core_inverse[:m, :m].diagonal().fill_(1.0 / self.lam)
+        self._count.zero_()
+        self._finite_count.zero_()
+        self._reported.zero_()
+        self._drift_tol.fill_(DRIFT_TOL)
+        self.finite.fill_(True)
+        # The first refactor period is guarded: a window's conditioning is unknown until then.
+        self._guarded = True
+        self._rejections = 0
+        self.calls = 0
         self._since_refactor = 0
 
+    def _set_lambda(self, lam: float) -> None:
+        self.lam = float(lam)
+        self._lam_t.fill_(self.lam)
+
     @property
-    def filled(self) -> int:
-        """Number of window slots that hold a gradient."""
-        return min(self.count, self.ngrads)
+    def count(self) -> torch.Tensor:
+        """Gradients stored so far (a device tensor: reading it on the host synchronizes)."""
+        return self._count[0]
+
+    @property
+    def slot(self) -> torch.Tensor:
+        """The slot the next gradient replaces (device tensor)."""
+        return self._count[0] % self.ngrads
+
+    @property
+    def filled(self) -> torch.Tensor:
+        """Number of window slots that hold a gradient (device tensor)."""
+        return self._count[0].clamp(max=self.ngrads)
+
+    @property
+    def rejected(self) -> torch.Tensor:
+        """Finite gradients that were not stored because their O(m²) update failed its check."""
+        return self._finite_count[0] - self._count[0]
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """``K = G Gᵀ`` (float64 ``(m, m)``), from the core ``C = λI + K/m``."""
+        m = self.ngrads
+        k = self.core[:m, :m] - self.lam * torch.eye(m, dtype=torch.float64, device=self.device)
+        return k * m
+
+    @property
+    def damped_gram_inverse(self) -> torch.Tensor:
+        """``S⁻¹ = (mλI + GGᵀ)⁻¹ = C⁻¹/m`` (float64 ``(m, m)``)."""
+        m = self.ngrads
+        return self.core_inverse[:m, :m] / m
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "dim": self.dim,
             "ngrads": self.ngrads,
             "damp": self.damp,
+            "damp_mode": self.damp_mode,
+            "lam": self.lam,
             "dtype": str(self.dtype).replace("torch.", ""),
-            "window": self.window.to_dense(),
-            "gram": self.gram.cpu().clone(),
-            "damped_gram_inverse": self.damped_gram_inverse.cpu().clone(),
-            "slot": self.slot,
-            "count": self.count,
+            "window": self.window.state_dict(),
+            "core": self.core.cpu().clone(),
+            "core_inverse": self.core_inverse.cpu().clone(),
+            "count": int(self._count[0]),
+            "finite_count": int(self._finite_count[0]),
+            "reported": int(self._reported[0]),
+            "drift_tol": float(self._drift_tol),
+            "guarded": self._guarded,
+            "rejections": self._rejections,
+            "calls": self.calls,
             "since_refactor": self._since_refactor,
         }
 
@@ -115,143 +212,275 @@ class DynamicFisherInverse:
                     "the window must be restored into an inverse of the same shape."
                 )
         self.damp = float(state["damp"])
-        self.window.load_dense(state["window"].to(self.device))
-        self.gram = state["gram"].to(self.device, torch.float64).clone()
-        self.damped_gram_inverse = (
-            state["damped_gram_inverse" if "damped_gram_inverse" in state else "inv"]
-            .to(self.device, torch.float64)
-            .clone()
-        )
-        self.slot, self.count = int(state["slot"]), int(state["count"])
+        self.damp_mode = state.get("damp_mode", "absolute")
+        if "drift_tol" in state:
+            self._drift_tol.fill_(float(state["drift_tol"]))
+            self._guarded, self._rejections = bool(state["guarded"]), int(state["rejections"])
+        self.window.load_state_dict(state["window"])
+        if "core" not in state:
+            self._load_legacy(state)
+            return
+        self._set_lambda(state["lam"])
+        self.core.copy_(state["core"])
+        self.core_inverse.copy_(state["core_inverse"])
+        self._count.fill_(int(state["count"]))
+        self._finite_count.fill_(int(state["finite_count"]))
+        self._reported.fill_(int(state["reported"]))
+        self.calls = int(state["calls"])
         self._since_refactor = int(state["since_refactor"])
+
+    def _load_legacy(self, state: dict[str, Any]) -> None:
+        """A checkpoint of the earlier layout (Gram and S⁻¹ of the m slots): rebuild the core."""
+        m = self.ngrads
+        self._set_lambda(self.damp)
+        self.core.zero_()
+        self.core[:m, :m] = state["gram"].to(self.device, torch.float64) / m
+        self.core[:m, :m].diagonal().add_(self.lam)
+        self._count.fill_(int(state["count"]))
+        self._finite_count.copy_(self._count)
+        self._reported.zero_()
+        self.calls = int(state["count"])
+        self._refactor(check_drift=False)
+        self._since_refactor = int(state.get("since_refactor", 0))
 
     # ------------------------------------------------------------------ public API
     def update(self, g: torch.Tensor) -> None:
         """Put ``g`` into the window, replacing the oldest gradient."""
-        self._insert(self._as_columns(g, "g", allow_matrix=False))
+        g = self._as_vector(g, "g", finite=True)
+        self._step(g, want_direction=False)
+        self._after_step()
 
     def mul(self, x: torch.Tensor) -> torch.Tensor:
         """``F⁻¹ x`` for ``x`` of shape ``(d,)`` or ``(d, k)``."""
-        cols = self._as_columns(x, "x", allow_matrix=True)
-        out = self._apply(cols, self.window.dots(cols))
-        return out.reshape(x.shape).to(self._out_dtype(x))
+        check.float_tensor("x", x, (1, 2))
+        self._check_shape_device(x, "x")
+        check.finite_tensor("x", x)
+        m = self.ngrads
+        x64 = x.detach().to(torch.float64)
+        u = self.window.dots(x64)
+        # F⁻¹x = x/λ − Gᵀ C⁻¹ (G x)/(mλ): the combination accumulates in float64 and the sum
+        # with x/λ is taken in float64 before the one rounding.
+        coeffs = (self.core_inverse[:m, :m] @ u) * (-1.0 / (m * self.lam))
+        out = self.window.combine(coeffs, out_dtype=torch.float64).add_(x64, alpha=1.0 / self.lam)
+        return out.to(self._out_dtype(x))
 
-    def update_mul(self, g: torch.Tensor, *, skip_nonfinite: bool = False) -> torch.Tensor | None:
-        """``update(g)``, then ``F⁻¹ g`` for ``g`` as stored in the window: two reads of the window.
+    def update_mul(
+        self, g: torch.Tensor, *, skip_nonfinite: bool = False, return_finite: bool = False
+    ) -> torch.Tensor | None | tuple[torch.Tensor, torch.Tensor]:
+        """``update(g)``, then ``F⁻¹ĝ`` for ``ĝ``, ``g`` as stored in the window: two reads of the window.
 
-        For float32 and float64 windows this is ``update(g)`` followed by ``mul(g)``. A bfloat16
-        window stores ``ĝ = bf16(g)`` and the result is ``F⁻¹ĝ``: ``g − ĝ`` lies almost entirely
-        outside the window's span, where ``F⁻¹`` is ``1/λ``, so ``F⁻¹g`` would be dominated by the
-        quantization noise amplified by ``1/λ`` (measured: up to 2.4× the true ``‖F⁻¹g‖`` at
-        ``λ=1e-5``, against 1e-2 relative error for ``F⁻¹ĝ``).
+        For float32 and float64 windows ``ĝ = g``. A bfloat16 window stores ``ĝ = bf16(g)`` and the
+        result is ``F⁻¹ĝ``: ``g − ĝ`` lies almost entirely outside the window's span, where ``F⁻¹`` is
+        ``1/λ``, so ``F⁻¹g`` would be dominated by the quantization noise amplified by ``1/λ``.
 
-        A non-finite ``g`` raises ``ValueError``; with ``skip_nonfinite=True`` it returns ``None``
-        instead and leaves the window untouched (what a training loop wants, at one check of ``g``).
+        A non-finite ``g`` is never stored:
+
+        * default: ``ValueError`` (one host read, to check);
+        * ``return_finite=True``: returns ``(direction, ok)`` with no host read. ``ok`` is a 0-d device
+          bool, False when ``g`` was not finite or its O(m²) update failed its check (rare; see the
+          module docstring); then nothing was stored and the direction is zero: hand ``ok`` to an
+          AMP scaler or an optimizer's skip. The flag is also kept as ``self.finite``.
+        * ``skip_nonfinite=True``: returns ``None`` instead of a direction when ``ok`` is False (one
+          host read per step).
         """
-        if skip_nonfinite and not bool(torch.isfinite(g).all()):
+        g = self._as_vector(g, "g", finite=not (skip_nonfinite or return_finite))
+        direction = self._step(g, want_direction=True)
+        self._after_step()
+        if return_finite:
+            return direction, self.finite
+        if skip_nonfinite and not bool(self.finite):
             return None
-        cols = self._as_columns(g, "g", allow_matrix=False, finite_checked=skip_nonfinite)
-        j = self.slot
-        self._insert(cols)
-        # F⁻¹ gⱼ = m·Gᵀ S⁻¹ eⱼ (see the module docstring): no cancellation against g.
-        coeffs = self.ngrads * self.damped_gram_inverse[:, j : j + 1]
-        return self.window.combine(coeffs).reshape(g.shape).to(self._out_dtype(g))
+        return direction
 
     def mask_coordinates(self, keep: torch.Tensor) -> None:
         """Zero the coordinates where ``keep`` is False in every stored gradient (after pruning) and
         refactor, so the window no longer carries them."""
         if keep.shape != (self.dim,):
             raise ValueError(f"keep has shape {tuple(keep.shape)}: expected ({self.dim},).")
+        m = self.ngrads
         self.window.mask_columns(keep.to(torch.bool))
-        self.gram = self.window.gram()
-        self._refactor()
+        self.core[:m, :m] = self.window.gram() / m
+        self.core[:m, :m].diagonal().add_(self.lam)
+        self._refactor(check_drift=False)
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ the step
+    def _step(self, g: torch.Tensor, want_direction: bool) -> torch.Tensor | None:
+        """One window update (and direction) with no host read; every state tensor is updated in
+        place. Op by op this is what docs/design.md ("The dynamic step") derives."""
+        m = self.ngrads
+        window, core, inv = self.window, self.core, self.core_inverse
+        window.stage(g)
+        self._dots.zero_()
+        window.staged_dots(self._dots)  # [G ĝ; ĝ·ĝ]
+        u = torch.mul(self._dots, self._scale)  # column j of the new core, without its diagonal
+        diag = torch.add(self._lam_t, self._staged_norm, alpha=1.0 / m)  # λ + ‖ĝ‖²/m
+        # ‖ĝ‖² ≥ 0 is +inf or NaN exactly when ĝ is not finite: one comparison checks all of g.
+        finite = torch.lt(diag, math.inf)
+        slot = torch.remainder(self._count, m)
+        e = torch.eq(self._arange, slot, out=self._onehot)
+        new_inv, new_core, x, ok = bordered_update(
+            inv, core, u, diag, e, slot, self._column, self._column_row, self._column_col, self._drift_tol
+        )
+        accept = torch.logical_and(ok, finite)
+        torch.where(accept, new_inv, inv, out=inv)
+        torch.where(accept, new_core, core, out=core)
+        window.commit(torch.where(accept, slot, self._drop))
+        self._count.add_(accept)
+        self._finite_count.add_(finite)
+        if self._guarded and self._insert_rejected(accept, finite, slot):
+            # The gradient went in through a fresh factorization: F⁻¹gⱼ = Gᵀ C⁻¹ eⱼ exactly.
+            x = torch.mv(self.core_inverse, e)
+            accept = finite
+        self.finite = accept
+        if not want_direction:
+            return None
+        direction = window.staged_combine(x, out_dtype=self.cdtype)
+        return torch.where(accept, direction, self._zero_out)
+
+    def _insert_rejected(self, accept: torch.Tensor, finite: torch.Tensor, slot: torch.Tensor) -> bool:
+        """Guarded mode (the first refactor period, and any period after one in which updates were
+        rejected): read the outcome on the host, and put a finite gradient whose O(m²) update was
+        rejected into the window anyway, through a fresh factorization. One host read per step."""
+        if int(accept.long() + 2 * finite.long()) != 2:
+            return False
+        self.window.commit(slot)
+        self.core.index_copy_(0, slot, self._column_row)
+        self.core.index_copy_(1, slot, self._column_col)
+        self._count.add_(1)
+        self._rejections += 1
+        self._refactor(check_drift=False, reset_period=False)
+        return True
+
+    def _after_step(self) -> None:
+        self.calls += 1
+        self._since_refactor += 1
+        # While the window fills, refactor at calls 1, 2, 4, …: the relative λ and the residual
+        # tolerance follow the first gradients (a few host reads, before the steady state).
+        warming = self.calls < self.ngrads and _power_of_two(self.calls)
+        if self._since_refactor >= self.refactor_every:
+            self._refactor()
+        elif warming:
+            self._refactor(keep_guard=True)
+
+    def _refactor(
+        self, check_drift: bool = True, reset_period: bool = True, keep_guard: bool = False
+    ) -> None:
+        """Fresh ``C⁻¹`` from ``C`` (and, in relative mode, a fresh ``λ``): Cholesky on the device,
+        then one host read that carries the new ``λ``, whether the factorization succeeded and
+        whether updates were rejected since the last read (then the next period is guarded)."""
+        m = self.ngrads
+        c = self.core[:m, :m]
+        if self.damp_mode == "relative":
+            trace = torch.diagonal(c).sum() - m * self.lam  # trace(K)/m
+            lam = torch.where(trace > 0, self.damp * trace / m, torch.full_like(trace, self.damp))
+            c.diagonal().add_(lam - self.lam)
+        else:
+            lam = self._lam_t.clone()
+        factor, info = torch.linalg.cholesky_ex(c)
+        eye = torch.eye(m, dtype=torch.float64, device=self.device)
+        fresh = torch.cholesky_solve(eye, factor)
+        # Every pivot of C = λI + K/m is ≥ λ in exact arithmetic: a smaller one is rounding noise
+        # (a nearly singular window with λ below its rounding level), as is a failed factorization.
+        pivots = torch.diagonal(factor).square().amin()
+        ok = (info == 0) & (pivots >= 0.5 * lam) & torch.isfinite(fresh).all()
+        # Finite gradients not stored since the last read: their O(m²) update failed the check.
+        rejected = self._finite_count - self._count
+        trouble = (rejected > self._reported)[0] if check_drift else torch.zeros_like(ok)
+        self._reported.copy_(rejected)
+        report = torch.where(ok, torch.where(trouble, -lam, lam), torch.full_like(lam, math.nan))
+        value = float(report)  # the one host read of a refactor period
+        if math.isnan(value):
+            warn_once(
+                "M-FAC: Cholesky factorization of the damped Gram matrix hit a non-positive pivot "
+                "(rounding on a nearly singular window); falling back to an eigendecomposition with "
+                "eigenvalues clamped at the dampening bound."
+            )
+            lam_value = float(lam)
+            fresh = eig_inverse(c, lam_value)
+        else:
+            lam_value = abs(value)
+        if reset_period:
+            trouble = value < 0 or self._rejections > 0
+            if trouble:
+                warn_once(
+                    "M-FAC: the O(m²) inverse update lost accuracy (nearly singular window); the next "
+                    "refactor period checks every step on the host and refactors where an update fails."
+                )
+            # Warm-up refactors only ever switch the guard on: the first full period stays guarded.
+            self._guarded = trouble or (keep_guard and self._guarded)
+            self._rejections = 0
+        self.core_inverse[:m, :m] = 0.5 * (fresh + fresh.t())
+        # Residuals of this core cannot be computed below ~ε·max|C|·max|C⁻¹| (its condition):
+        # on a nearly singular window the check accepts down to that level rather than rejecting all.
+        floor = RESIDUAL_ROUNDING * torch.finfo(torch.float64).eps
+        level = torch.diagonal(c).max() * self.core_inverse[:m, :m].abs().max() * floor
+        torch.clamp(level, min=DRIFT_TOL, out=self._drift_tol)
+        if lam_value != self.lam:
+            self._set_lambda(lam_value)
+        self._since_refactor = 0
+
+    # ------------------------------------------------------------------ inputs
     def _out_dtype(self, x: torch.Tensor) -> torch.dtype:
         return torch.promote_types(x.dtype, torch.float32)
 
-    def _as_columns(
-        self, x: torch.Tensor, name: str, allow_matrix: bool, finite_checked: bool = False
-    ) -> torch.Tensor:
-        check.float_tensor(name, x, (1, 2) if allow_matrix else (1,))
+    def _check_shape_device(self, x: torch.Tensor, name: str) -> None:
         if x.shape[0] != self.dim:
             raise ValueError(f"{name} has shape {tuple(x.shape)}: expected first dimension d={self.dim}.")
         if x.device != self.device:
             raise ValueError(f"{name} is on {x.device}: expected the inverse's device {self.device}.")
-        if not finite_checked:
-            check.finite_tensor(name, x)
-        x = x.detach()
-        return (x if x.dim() == 2 else x.unsqueeze(1)).to(self.cdtype)
 
-    def _insert(self, g: torch.Tensor) -> None:
-        """Writes ``g`` (``(d, 1)``) into the oldest slot and updates ``K`` and ``S⁻¹``."""
-        j = self.slot
-        stored = g.to(self.dtype)
-        # K is the Gram of what is stored (a narrow window holds the rounded gradient).
-        wide = stored.to(self.cdtype)
-        u = self.window.dots(wide)[:, 0]
-        # ‖g‖² is a long sum of positive terms, the worst case for float32: take it in float64
-        # (a d-vector, nothing next to the pass over the window).
-        u[j] = torch.linalg.vector_norm(wide[:, 0].to(torch.float64)).square()
-        self.window.set_row(j, stored[:, 0])
-        self._replace(j, u)
-        self.slot = (j + 1) % self.ngrads
-        self.count += 1
+    def _as_vector(self, g: torch.Tensor, name: str, finite: bool) -> torch.Tensor:
+        check.float_tensor(name, g, (1,))
+        self._check_shape_device(g, name)
+        if finite:
+            check.finite_tensor(name, g)
+        return g.detach() if g.requires_grad else g
 
-    def _apply(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        c = self.damped_gram_inverse @ u
-        return (x - self.window.combine(c)) / self.damp
 
-    def _replace(self, j: int, col: torch.Tensor) -> None:
-        self.gram[j, :] = col
-        self.gram[:, j] = col
-        self._since_refactor += 1
-        if (
-            self._since_refactor >= self.refactor_every
-            or not self._bordered_update(j, col)
-            or not self._column_accurate(j)
-        ):
-            self._refactor()
+def bordered_update(
+    inv: torch.Tensor,
+    core: torch.Tensor,
+    u: torch.Tensor,
+    diag: torch.Tensor,
+    e: torch.Tensor,
+    slot: torch.Tensor,
+    col: torch.Tensor,
+    col_row: torch.Tensor,
+    col_col: torch.Tensor,
+    drift_tol: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Replace row/column ``slot`` of the core ``C`` by ``u`` (with ``C[j, j] = diag``) and update
+    ``C⁻¹`` in O(m²), without host reads or branches (``torch.compile(fullgraph=True)`` captures it).
 
-    def _column_accurate(self, j: int) -> bool:
-        """Whether column ``j`` of the updated ``S⁻¹`` (the one ``update_mul`` uses) still solves
-        ``S x = eⱼ`` to the residual of a fresh factorization: O(m²). On a nearly rank-deficient
-        window (repeated gradients, tiny λ) the O(m²) update drifts far faster than the Schur
-        complement test notices (measured: 34% error in F⁻¹g at λ=1e-6 after a few steps)."""
-        m = self.ngrads
-        x = self.damped_gram_inverse[:, j]
-        residual = self.gram @ x + (m * self.damp) * x
-        residual[j] -= 1.0
-        scale = (self.gram.diagonal().max() + m * self.damp) * x.abs().max()
-        return bool(residual.abs().max() <= 64 * m * torch.finfo(torch.float64).eps * scale)
+    Schur downdate of row/column ``j`` (``R = C⁻¹ − p pᵀ/pⱼ``, ``p = C⁻¹eⱼ``), then bordered
+    insertion of the new column (``s = diag − uᵀ R u``, ``x = (eⱼ − R u)/s``,
+    ``C'⁻¹ = R + s·x xᵀ``). ``x`` is column ``j`` of the new inverse, i.e. the coefficients of
+    ``F⁻¹gⱼ = Gᵀx``; it is returned after one step of iterative refinement with ``C'⁻¹`` itself
+    (``x ← x − C'⁻¹(C'x − eⱼ)``), which removes the error that the O(m²) update accumulates on an
+    ill-conditioned core as long as ``C'⁻¹`` is still a contraction-grade approximate inverse.
+    The check: the residual ``C'x − eⱼ`` of the refined ``x`` (dimensionless: ``eⱼ`` has unit
+    size, and the relative error of ``F⁻¹gⱼ = Gᵀx`` is of that order) is at most ``drift_tol`` in
+    every entry -- False also for any NaN. ``drift_tol`` (a device scalar) is ``DRIFT_TOL`` or the
+    rounding level of such a residual on this core, if larger (set at each refactorization).
+    ``col`` is a work buffer of ``m + 1`` entries, ``col_row``/``col_col`` its ``(1, m+1)`` and
+    ``(m+1, 1)`` views.
+    Returns the new inverse, the new core, the refined ``x`` and the check.
+    """
+    p = torch.mv(inv, e)
+    q = torch.div(p, torch.dot(p, e))
+    reduced = torch.addr(inv, q, p, alpha=-1)
+    ra = torch.mv(reduced, u)
+    neg_s = torch.sub(torch.dot(u, ra), diag)
+    v = torch.sub(ra, e)
+    x = torch.div(v, neg_s)
+    new_inv = torch.addr(reduced, v, x, alpha=-1)
+    torch.lerp(u, diag, e, out=col)  # u with diag at j (e is a 0/1 one-hot: exact)
+    new_core = core.index_copy(0, slot, col_row).index_copy(1, slot, col_col)
+    refined = torch.addmv(x, new_inv, torch.addmv(e, new_core, x, beta=-1), alpha=-1)
+    residual = torch.addmv(e, new_core, refined, beta=-1)
+    ok = torch.le(torch.linalg.vector_norm(residual, math.inf), drift_tol)
+    return new_inv, new_core, refined, ok
 
-    def _bordered_update(self, j: int, col: torch.Tensor) -> bool:
-        """O(m²) replacement of row/column ``j`` in ``S⁻¹``; False if rounding makes it unsafe."""
-        floor = self.ngrads * self.damp
-        p = self.damped_gram_inverse[:, j].clone()
-        if not bool(p[j] > 0):
-            return False
-        # Schur downdate: the inverse of S without row/column j, embedded with zeros at j.
-        reduced = self.damped_gram_inverse - torch.outer(p, p) / p[j]
-        a = col.clone()
-        a[j] = 0.0
-        ra = reduced @ a
-        ra[j] = 0.0
-        schur = col[j] + floor - a @ ra
-        # S ⪰ m·λ·I, so its Schur complement is ≥ m·λ; anything less is accumulated rounding.
-        if not bool(torch.isfinite(schur)) or schur < floor * (1 - 1e-6):
-            warn_once("M-FAC: the O(m²) inverse update lost accuracy; refactoring the Gram matrix.")
-            return False
-        reduced += torch.outer(ra, ra) / schur
-        reduced[:, j] = -ra / schur
-        reduced[j, :] = -ra / schur
-        reduced[j, j] = 1.0 / schur
-        self.damped_gram_inverse = reduced
-        return True
 
-    def _refactor(self) -> None:
-        m = self.ngrads
-        s = self.gram + (m * self.damp) * torch.eye(m, dtype=torch.float64, device=self.device)
-        self.damped_gram_inverse = spd_inverse(s, m * self.damp)
-        self.damped_gram_inverse = 0.5 * (self.damped_gram_inverse + self.damped_gram_inverse.t())
-        self._since_refactor = 0
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0

@@ -1,20 +1,22 @@
 """Static M-FAC: the inverse empirical Fisher of a fixed set of ``m`` gradients (for OBS pruning).
 
 Frantar, Kurtic & Alistarh, NeurIPS 2021, Section 3 (the static algorithm), computed in the
-Gram/Cholesky form of DESIGN.md instead of the paper's ``m`` sequential rank-one steps:
+Gram/Cholesky form of docs/design.md ("Static M-FAC") instead of the paper's ``m`` sequential
+rank-one steps:
 
-    K = G Gᵀ,   S = m·λ·I + K = L Lᵀ,   Q = L⁻¹ G,
-    F⁻¹x = (x − Qᵀ(Q x)) / λ,   diag(F⁻¹) = (1 − Σₖ Qₖ²) / λ,   [F⁻¹]ᵢⱼ = (δᵢⱼ − Q₍:,ᵢ₎·Q₍:,ⱼ₎) / λ.
+    S = m·λ·I + G Gᵀ = L Lᵀ,     F⁻¹x = (x − Gᵀ S⁻¹ (G x)) / λ,
+    diag(F⁻¹)ᵢ = (1 − ‖L⁻¹gᵢ‖²) / λ,     [F⁻¹]ᵢⱼ = (δᵢⱼ − (L⁻¹gᵢ)·(L⁻¹gⱼ)) / λ,
+
+with ``gᵢ`` the column ``i`` of ``G``. What is kept: ``G`` at its stored width (a reference to the
+given gradients when they already have the window's dtype and device; pinned host pages when
+paged) and the float64 ``m × m`` factor ``L`` -- no second ``m × d`` matrix. ``mul`` makes two
+float64-accumulating passes over ``G`` (``fisher.kernels``); ``diag`` is taken once, column tile by
+column tile, from float64 tiles of ``L⁻¹G``; ``entries`` solves with the columns it needs.
 
 With ``block_size=B`` F is block-diagonal over consecutive blocks of ``B`` coordinates (the last
 one may be shorter). Blocks with ``B > m`` use the same Woodbury form per block (a batch of
-``m × m`` factors); blocks with ``B ≤ m`` are inverted directly as ``B × B`` matrices, batched.
-
-All factorizations and solves run in float64, one column page at a time; the diagonal is taken
-from the float64 ``Q`` page before it is stored, so it is exact even when ``Q`` is kept in float32
-(``1 − ΣQ²`` cancels badly for high-curvature coordinates). Gradients in CPU memory with a CUDA
-``device`` are paged: copied to page-major (pinned) host memory and streamed to the GPU, the
-Gram accumulated and the triangular solve done page by page, ``Q`` overwriting the host copy.
+``m × m`` factors, applied tile by tile); blocks with ``B ≤ m`` are inverted directly as float64
+``B × B`` matrices (their ``d·B`` entries replace ``G``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,17 @@ import torch.nn.functional as F
 from lightning_mfac import _validation as check
 from lightning_mfac.fisher._numerics import spd_cholesky, spd_inverse
 from lightning_mfac.fisher.config import WindowConfig, reject_legacy_arguments
-from lightning_mfac.fisher.storage import DeviceWindow, PagedWindow, WindowStorage, default_page_cols
+from lightning_mfac.fisher.kernels import resolve_kernels
+from lightning_mfac.fisher.storage import DeviceWindow, PagedWindow, WindowStorage
+
+#: Bytes of one float64 work tile (a column tile of ``G`` widened, or of ``L⁻¹G``)...
+TILE_BYTES = 16 << 20
+#: ... and at most this fraction of the columns, so a tile stays a small part of any window.
+TILE_FRACTION = 1 / 32
+
+
+def default_tile_cols(m: int, d: int) -> int:
+    return max(1, min(TILE_BYTES // (8 * m), math.ceil(d * TILE_FRACTION)))
 
 
 class StaticFisherInverse:
@@ -39,11 +51,12 @@ class StaticFisherInverse:
         damp: dampening ``λ > 0``.
         block_size: ``None`` for the full ``d × d`` inverse, else the block size ``B ≥ 1``.
         device: compute device (default: that of ``grads``). CPU gradients with a CUDA device
-            are paged.
+            are paged (``storage="auto"``).
         window: :class:`~lightning_mfac.fisher.config.WindowConfig` (or a mapping of its fields):
-            ``dtype`` in which the gradients are kept (default float64 for float64 gradients, else
-            float32) and ``page_cols``, the columns per page (rounded to whole blocks; default from
-            free device memory). The diagonal is always exact float64.
+            ``dtype`` in which ``G`` is kept (default float64 for float64 gradients, else float32;
+            bfloat16 halves the memory and gives the inverse of the rounded gradients),
+            ``storage`` (``"auto"``, ``"device"`` or ``"paged"``), ``page_cols`` (columns per tile,
+            rounded to whole blocks) and ``kernels``.
     """
 
     def __init__(
@@ -58,104 +71,99 @@ class StaticFisherInverse:
     ) -> None:
         reject_legacy_arguments("StaticFisherInverse", legacy)
         self.config = WindowConfig.coerce(window)
-        dtype, page_cols = self.config.dtype, self.config.page_cols
         check.float_tensor("grads", grads, (2,))
         m, d = grads.shape
         if m < 1 or d < 1:
             raise ValueError(
                 f"grads has shape {(m, d)}: expected at least one gradient of at least one coordinate."
             )
-        check.finite_tensor("grads", grads)
+        _check_finite_by_tiles(grads)
         self.damp = check.positive_float("damp", damp)
         self.ngrads, self.dim = m, d
         self.block_size = d if block_size is None else min(check.positive_int("block_size", block_size), d)
-        if dtype is not None and dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype={dtype!r} is invalid: expected None, torch.float32 or torch.float64.")
+        if self.config.storage == "sharded":
+            raise ValueError(
+                "storage='sharded' is invalid for StaticFisherInverse: expected 'auto', 'device' or 'paged'."
+            )
         self.device = grads.device if device is None else torch.device(device)
-        self.dtype = dtype or (torch.float64 if grads.dtype == torch.float64 else torch.float32)
+        self.dtype = self.config.resolved_dtype(grads.dtype)
         self.nblocks = math.ceil(d / self.block_size)
         # B ≤ m: a B × B block is cheaper to invert directly than through an m × m Woodbury factor.
         self.direct = block_size is not None and self.block_size <= m
-        self.paged = grads.device.type == "cpu" and self.device.type == "cuda"
-        self.page_cols = self._page_cols(page_cols)
+        storage = self.config.storage
+        if storage == "auto":
+            storage = "paged" if grads.device.type == "cpu" and self.device.type == "cuda" else "device"
+        self.paged = storage == "paged"
+        self.page_cols = self._page_cols(self.config.page_cols)
+        self.kernels = resolve_kernels(self.config.kernels, self.device)
         self._diag = torch.empty(d, dtype=torch.float64, device=self.device)
         grads = grads.detach()
-        if self.direct:
-            self._build_direct(grads)
+        if self.paged:
+            store: WindowStorage = PagedWindow.from_rows(
+                grads.to(self.dtype), self.device, self.page_cols, self.kernels
+            )
         else:
-            self._build_woodbury(grads)
+            store = DeviceWindow.wrap(
+                grads.to(self.device, self.dtype), self.kernels, tile_cols=self.page_cols
+            )
+        if self.direct:
+            self._build_direct(store)
+            self._window = None
+        else:
+            self._window = store
+            self._build_woodbury(store)
 
     # ------------------------------------------------------------------ construction
     def _page_cols(self, page_cols: int | None) -> int:
         b = self.block_size
         if page_cols is None:
-            itemsize = torch.empty((), dtype=self.dtype).element_size()
-            # Each page column is also held as float64 work copies (page and its solve).
-            page_cols = default_page_cols(self.ngrads, itemsize + 8, self.device, None)
+            page_cols = default_tile_cols(self.ngrads, self.dim)
         if b == self.dim and not self.direct:
             return max(1, min(page_cols, self.dim))
-        # A page holds whole blocks so that each block's Gram and solve happen in one page.
+        # A tile holds whole blocks so that each block's Gram and solve happen in one tile.
         return max(1, page_cols // b) * b
 
-    def _source(self, grads: torch.Tensor) -> WindowStorage:
-        if self.paged:
-            store = PagedWindow(self.ngrads, self.dim, self.dtype, self.device, page_cols=self.page_cols)
-            for p in range(store.npages):
-                c0, c1 = store._bounds(p)
-                store.host[p, :, : c1 - c0] = grads[:, c0:c1]
-            return store
-        store = DeviceWindow.__new__(DeviceWindow)
-        store.rows, store.dim, store.dtype, store.device = self.ngrads, self.dim, self.dtype, self.device
-        store.data = grads.to(self.device)
-        return _ColumnPages(store, self.page_cols)
+    @property
+    def _full(self) -> bool:
+        return self.block_size == self.dim and not self.direct
 
-    def _blocks_of(self, c0: int, page: torch.Tensor) -> tuple[int, torch.Tensor]:
-        """First block index and the page as float64 ``(nb, m, w)`` blocks (the last one zero-padded)."""
-        if self.block_size == self.dim and not self.direct:
-            return 0, page.to(torch.float64).unsqueeze(0)
+    def _blocks_of(self, c0: int, tile: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """First block index and the tile as float64 ``(nb, m, B)`` blocks (the last zero-padded)."""
+        if self._full:
+            return 0, tile.to(torch.float64).unsqueeze(0)
         b = self.block_size
-        width = page.shape[1]
-        pad = (-width) % b
-        page64 = F.pad(page.to(torch.float64), (0, pad))
-        return c0 // b, page64.unflatten(1, (-1, b)).transpose(0, 1)
+        pad = (-tile.shape[1]) % b
+        tile64 = F.pad(tile.to(torch.float64), (0, pad))
+        return c0 // b, tile64.unflatten(1, (-1, b)).transpose(0, 1)
 
-    def _build_woodbury(self, grads: torch.Tensor) -> None:
+    def _build_woodbury(self, store: WindowStorage) -> None:
         m, lam = self.ngrads, self.damp
-        store = self._source(grads)
-        gram = torch.zeros(self.nblocks, m, m, dtype=torch.float64, device=self.device)
-        for c0, _, page in store.pages():
-            b0, blocks = self._blocks_of(c0, page)
-            gram[b0 : b0 + blocks.shape[0]] += blocks @ blocks.transpose(1, 2)
         eye = torch.eye(m, dtype=torch.float64, device=self.device)
-        self._chol = spd_cholesky(gram + m * lam * eye, m * lam)
-        if self.paged:
-            q_store = store
+        if self._full:
+            gram = store.gram().unsqueeze(0)
         else:
-            q_store = DeviceWindow(m, self.dim, self.dtype, self.device)
-        for c0, c1, page in store.pages():
-            b0, blocks = self._blocks_of(c0, page)
-            q = torch.linalg.solve_triangular(self._chol[b0 : b0 + blocks.shape[0]], blocks, upper=False)
-            q = q.transpose(0, 1).flatten(1)[:, : c1 - c0]
-            self._diag[c0:c1] = (1.0 - (q * q).sum(0)) / lam
-            self._write(q_store, c0, c1, q)
-        self._q = q_store if self.paged else _ColumnPages(q_store, self.page_cols)
+            gram = torch.zeros(self.nblocks, m, m, dtype=torch.float64, device=self.device)
+            for c0, _, tile in store.column_tiles():
+                b0, blocks = self._blocks_of(c0, tile)
+                gram[b0 : b0 + blocks.shape[0]] += blocks @ blocks.transpose(1, 2)
+        self._factor = spd_cholesky(gram + m * lam * eye, m * lam)
+        for c0, c1, tile in store.column_tiles():
+            b0, blocks = self._blocks_of(c0, tile)
+            q = torch.linalg.solve_triangular(self._factor[b0 : b0 + blocks.shape[0]], blocks, upper=False)
+            # ‖L⁻¹gᵢ‖² from the float64 tile: exact where 1 − ‖·‖² cancels (high-curvature coordinates).
+            sq = q.square_().sum(1).flatten()[: c1 - c0]
+            self._diag[c0:c1] = (1.0 - sq) / lam
+            del q, blocks
 
-    def _write(self, store: WindowStorage, c0: int, c1: int, q: torch.Tensor) -> None:
-        if isinstance(store, PagedWindow):
-            store.host[c0 // store.page_cols, :, : c1 - c0] = q.to("cpu", self.dtype)
-        else:
-            store.data[:, c0:c1] = q
-
-    def _build_direct(self, grads: torch.Tensor) -> None:
+    def _build_direct(self, store: WindowStorage) -> None:
         m, lam, b = self.ngrads, self.damp, self.block_size
-        store = self._source(grads)
-        self._inv = torch.empty(self.nblocks, b, b, dtype=self.dtype, device=self.device)
+        self._block_inverse = torch.empty(self.nblocks, b, b, dtype=torch.float64, device=self.device)
         eye = torch.eye(b, dtype=torch.float64, device=self.device)
-        for c0, c1, page in store.pages():
-            b0, blocks = self._blocks_of(c0, page)
-            fisher = lam * eye + blocks.transpose(1, 2) @ blocks / m
+        for c0, c1, tile in store.column_tiles():
+            b0, blocks = self._blocks_of(c0, tile)
+            fisher = torch.baddbmm(lam * eye, blocks.transpose(1, 2), blocks, alpha=1.0 / m)
             inv = spd_inverse(fisher, lam)
-            self._inv[b0 : b0 + inv.shape[0]] = inv.to(self.dtype)
+            self._block_inverse[b0 : b0 + inv.shape[0]] = inv
             self._diag[c0:c1] = torch.diagonal(inv, dim1=1, dim2=2).flatten()[: c1 - c0]
 
     # ------------------------------------------------------------------ queries
@@ -170,37 +178,37 @@ class StaticFisherInverse:
             raise ValueError(f"x has shape {tuple(x.shape)}: expected first dimension d={self.dim}.")
         check.finite_tensor("x", x)
         cols = (x if x.dim() == 2 else x.unsqueeze(1)).to(self.device, torch.float64)
-        out = self._mul_direct(cols) if self.direct else self._mul_woodbury(cols)
+        if self.direct:
+            out = self._mul_direct(cols)
+        elif self._full:
+            out = self._mul_full(cols)
+        else:
+            out = self._mul_blocked(cols)
         return out.reshape(x.shape)
+
+    def _mul_full(self, x: torch.Tensor) -> torch.Tensor:
+        c = torch.cholesky_solve(self._window.dots(x), self._factor[0])
+        return (x - self._window.combine(c, out_dtype=torch.float64)) / self.damp
+
+    def _mul_blocked(self, x: torch.Tensor) -> torch.Tensor:
+        k = x.shape[1]
+        out = torch.empty_like(x)
+        for c0, c1, tile in self._window.column_tiles():
+            b0, blocks = self._blocks_of(c0, tile)
+            nb, _, w = blocks.shape
+            seg = F.pad(x[c0:c1], (0, 0, 0, nb * w - (c1 - c0))).view(nb, w, k)
+            c = torch.cholesky_solve(blocks @ seg, self._factor[b0 : b0 + nb])
+            back = (blocks.transpose(1, 2) @ c).reshape(-1, k)[: c1 - c0]
+            out[c0:c1] = (x[c0:c1] - back) / self.damp
+        return out
 
     def _mul_direct(self, x: torch.Tensor) -> torch.Tensor:
         b, k = self.block_size, x.shape[1]
         padded = F.pad(x, (0, 0, 0, self.nblocks * b - self.dim)).view(self.nblocks, b, k)
-        out = self._inv.to(torch.float64) @ padded
-        return out.reshape(-1, k)[: self.dim]
-
-    def _mul_woodbury(self, x: torch.Tensor) -> torch.Tensor:
-        m, k = self.ngrads, x.shape[1]
-        qx = torch.zeros(self.nblocks, m, k, dtype=torch.float64, device=self.device)
-        for c0, _, page in self._q.pages():
-            b0, blocks = self._blocks_of(c0, page)
-            xb = self._x_blocks(c0, x, blocks.shape)
-            qx[b0 : b0 + blocks.shape[0]] += blocks @ xb
-        out = torch.empty_like(x)
-        for c0, c1, page in self._q.pages():
-            b0, blocks = self._blocks_of(c0, page)
-            back = blocks.transpose(1, 2) @ qx[b0 : b0 + blocks.shape[0]]
-            out[c0:c1] = back.reshape(-1, k)[: c1 - c0]
-        return (x - out) / self.damp
-
-    def _x_blocks(self, c0: int, x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        nb, _, w = shape
-        seg = x[c0 : c0 + nb * w]
-        seg = F.pad(seg, (0, 0, 0, nb * w - seg.shape[0]))
-        return seg.view(nb, w, x.shape[1])
+        return (self._block_inverse @ padded).reshape(-1, k)[: self.dim]
 
     def entry(self, i: int, j: int) -> float:
-        """``[F⁻¹]ᵢⱼ`` in O(m)."""
+        """``[F⁻¹]ᵢⱼ`` in O(m²)."""
         return float(self.entries(torch.tensor([i]), torch.tensor([j]))[0])
 
     def entries(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -215,36 +223,32 @@ class StaticFisherInverse:
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.dim):
                 raise ValueError(f"{name} holds indices outside [0, {self.dim}).")
         b = self.block_size
-        same = rows // b == cols // b
+        block = rows // b
+        same = block == cols // b
         out = torch.zeros(rows.shape, dtype=torch.float64, device=self.device)
         if self.direct:
-            vals = self._inv[rows // b, rows % b, cols % b].to(torch.float64)
+            vals = self._block_inverse[block, rows % b, cols % b]
             out = torch.where(same, vals, out)
         else:
-            qi = self._columns(rows)
-            qj = self._columns(cols)
-            vals = (rows == cols).to(torch.float64) - (qi * qj).sum(0)
-            out = torch.where(same, vals / self.damp, out)
+            for blk in torch.unique(block[same]).tolist():
+                sel = same & (block == blk)
+                qi = self._solve_columns(blk, rows[sel])
+                qj = self._solve_columns(blk, cols[sel])
+                eq = (rows[sel] == cols[sel]).to(torch.float64)
+                out[sel] = (eq - (qi * qj).sum(0)) / self.damp
         diag = rows == cols
         out[diag] = self._diag[rows[diag]]
         return out
 
-    def _columns(self, idx: torch.Tensor) -> torch.Tensor:
-        if isinstance(self._q, PagedWindow):
-            p, c = idx.cpu() // self._q.page_cols, idx.cpu() % self._q.page_cols
-            return self._q.host[p, :, c].t().to(self.device, torch.float64)
-        return self._q.store.data[:, idx].to(torch.float64)
+    def _solve_columns(self, blk: int, idx: torch.Tensor) -> torch.Tensor:
+        """``L_b⁻¹ gᵢ`` for the columns ``idx`` of block ``blk`` (float64 ``(m, n)``)."""
+        return torch.linalg.solve_triangular(self._factor[blk], self._window.columns(idx), upper=False)
 
 
-class _ColumnPages(WindowStorage):
-    """Column pages (views) of a window already on the compute device, so paged and unpaged
-    constructions share one loop while float64 work copies stay within a page."""
-
-    def __init__(self, store: DeviceWindow, page_cols: int) -> None:
-        self.store, self.page_cols = store, page_cols
-        self.rows, self.dim, self.dtype, self.device = store.rows, store.dim, store.dtype, store.device
-
-    def pages(self):
-        for c0 in range(0, self.dim, self.page_cols):
-            c1 = min(self.dim, c0 + self.page_cols)
-            yield c0, c1, self.store.data[:, c0:c1]
+def _check_finite_by_tiles(grads: torch.Tensor) -> None:
+    """``check.finite_tensor`` one column tile at a time: its temporaries stay tile-sized."""
+    m, d = grads.shape
+    width = default_tile_cols(m, d)
+    bad = sum(int((~torch.isfinite(grads[:, c0 : c0 + width])).sum()) for c0 in range(0, d, width))
+    if bad:
+        raise ValueError(f"grads contains {bad} non-finite entries (inf/NaN): expected finite values only.")

@@ -1,156 +1,312 @@
-"""Where the ``m × d`` gradient window lives, and the two passes every M-FAC step makes over it.
+"""Where the ``m × d`` gradient window lives, and the passes the M-FAC algorithms make over it.
 
-A storage holds ``m`` rows of length ``d`` and offers exactly what the Woodbury formulas need:
+:class:`WindowStorage` is the whole contract between an algorithm and its window (docs/design.md,
+"Storage layouts"): the three passes (``dots`` = ``G x``, ``combine`` = ``Gᵀ c``, ``gram`` = ``G Gᵀ``),
+always accumulated in float64 by the kernels of ``fisher.kernels``; the staged-row step that the
+dynamic algorithm needs (``stage``, ``staged_dots``, ``staged_combine``, ``commit``); column access for
+the static algorithm (``column_tiles``, ``columns``); masking, zeroing and a page-by-page checkpoint
+(``state_dict``/``load_state_dict`` of column blocks). No algorithm touches a storage's tensors.
 
-* ``dots(X)``    -> ``G X``   (``(m, k)`` float64; float32 partial sums combined in float64)
-* ``combine(C)`` -> ``Gᵀ C``  (``(d, k)`` in the compute dtype)
-* ``set_row(j, g)``, ``gram()`` (``G Gᵀ`` in float64), ``mask_columns(keep)``, ``zero_()``
+The staging row is a row ``m`` beside the ``m`` window rows: a new gradient is written there first,
+so one pass over ``m + 1`` rows yields both ``G g`` and ``‖g‖²``, one combine covers the new
+gradient with the window, and the row enters the window (or not) with an index copy decided on the
+device -- no host branch.
 
-Three layouts share that interface:
+Layouts:
 
-``DeviceWindow``  the whole window on the compute device.
-``PagedWindow``   page-major host memory (pinned when CUDA is present), streamed to the
-                  compute device one page at a time with the next page's copy issued on a side
-                  stream while the current page is used, so device memory holds about two pages.
-``ShardedWindow`` under ``torch.distributed``: each rank keeps a contiguous 1/world slice of the
-                  coordinates; dot products are all-reduced, each rank combines its own slice
-                  and the slices are all-gathered.
+``DeviceWindow``  the rows (and the staging row) in one ``(m + 1, d)`` tensor on the compute device.
+``PagedWindow``   page-major host memory ``(npages, m, page_cols)`` (pinned when CUDA is present),
+                  streamed to the device a page at a time with the next page's copy in flight on a
+                  side stream; host-side writes wait for that stream first.
+``ShardedWindow`` under ``torch.distributed``: each rank stores a contiguous 1/world slice of the
+                  coordinates; dot products and Grams are all-reduced, combinations all-gathered.
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from lightning_mfac.fisher._numerics import chunked_dots, combine_rows, compute_dtype
 from lightning_mfac.fisher.config import STORAGES
+from lightning_mfac.fisher.kernels import WindowKernels, resolve_kernels
 
 #: Fraction of free device memory that ``storage="auto"`` lets the window take before paging.
 AUTO_DEVICE_FRACTION = 0.5
 #: Default fraction of free device memory that the pages of a paged window may use.
 PAGE_BUDGET_FRACTION = 0.25
+#: Columns per block of a checkpoint: blocks are copied to the host one at a time.
+CHECKPOINT_BLOCK_BYTES = 64 << 20
+#: Version tag of the checkpoint layout (docs/design.md, "Checkpoint layout").
+CHECKPOINT_FORMAT = "mfac-window/1"
 
 
-class WindowStorage:
-    """Base class: ``pages()`` yields ``(c0, c1, page)`` with ``page`` a ``(m, c1 - c0)`` tensor on
-    the compute device; every pass is written once, in terms of pages."""
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def default_out_dtype(window_dtype: torch.dtype) -> torch.dtype:
+    """Results of a float32 or bfloat16 window are float32, of a float64 window float64."""
+    return torch.float64 if window_dtype == torch.float64 else torch.float32
+
+
+class WindowStorage(ABC):
+    """``rows`` gradients of ``dim`` coordinates stored as ``dtype``, multiplied on ``device``."""
 
     rows: int
     dim: int
     dtype: torch.dtype
     device: torch.device
+    kernels: WindowKernels
 
-    def pages(self) -> Iterator[tuple[int, int, torch.Tensor]]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    # ------------------------------------------------------------------ passes over the m rows
+    @abstractmethod
+    def dots(self, x: torch.Tensor) -> torch.Tensor:
+        """``G x`` in float64: ``(m,)`` for ``x`` of shape ``(d,)``, ``(m, k)`` for ``(d, k)``."""
 
+    @abstractmethod
+    def combine(self, coeffs: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``Gᵀ c`` accumulated in float64, rounded once to ``out_dtype``."""
+
+    @abstractmethod
+    def gram(self) -> torch.Tensor:
+        """``G Gᵀ`` as a float64 ``(m, m)`` tensor."""
+
+    # ------------------------------------------------------------------ the staged row
+    @abstractmethod
+    def stage(self, g: torch.Tensor) -> None:
+        """Write ``g`` (rounded to the window dtype: ``ĝ``) into the staging row."""
+
+    @abstractmethod
+    def staged_dots(self, out: torch.Tensor) -> None:
+        """``out += [G ĝ; ĝ·ĝ]`` (float64 ``(m + 1,)``)."""
+
+    @abstractmethod
+    def staged_combine(self, coeffs: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``Gᵀ c[:m] + ĝ c[m]`` with one float64 accumulation (``coeffs`` float64 ``(m + 1,)``)."""
+
+    @abstractmethod
+    def commit(self, target: torch.Tensor) -> None:
+        """Copy the staging row into row ``target`` (an int64 ``(1,)`` device tensor); ``target == m``
+        drops it. Chosen on the device, so the step never branches on the host."""
+
+    # ------------------------------------------------------------------ columns
+    @abstractmethod
+    def column_tiles(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(c0, c1, tile)`` over all columns, ``tile`` an ``(m, c1 - c0)`` tensor on the device."""
+
+    @abstractmethod
+    def columns(self, idx: torch.Tensor) -> torch.Tensor:
+        """The columns ``idx`` of ``G`` as a float64 ``(m, len(idx))`` tensor on the device."""
+
+    @abstractmethod
+    def read_columns(self, c0: int, c1: int) -> torch.Tensor:
+        """A CPU copy of columns ``[c0, c1)`` (this rank's part of them for a sharded window)."""
+
+    @abstractmethod
+    def write_columns(self, c0: int, c1: int, block: torch.Tensor) -> None:
+        """Overwrite columns ``[c0, c1)`` of the ``m`` rows with ``block`` (any device)."""
+
+    @abstractmethod
+    def mask_columns(self, keep: torch.Tensor) -> None:
+        """Zero the columns where the boolean ``keep`` (``(d,)``) is False."""
+
+    @abstractmethod
+    def zero_(self) -> None:
+        """Empty every row (and the staging row)."""
+
+    # ------------------------------------------------------------------ shared
     @property
     def nbytes(self) -> int:
-        return self.rows * self.dim * torch.empty((), dtype=self.dtype).element_size()
+        return self.rows * self.dim * itemsize(self.dtype)
 
-    def dots(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(self.rows, x.shape[1], dtype=torch.float64, device=self.device)
-        for c0, c1, page in self.pages():
-            out += chunked_dots(page, x[c0:c1])
-        return out
+    def local_bounds(self) -> tuple[int, int]:
+        """The coordinates this process stores."""
+        return 0, self.dim
 
-    def combine(self, coeffs: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(self.dim, coeffs.shape[1], dtype=compute_dtype(self.dtype), device=self.device)
-        for c0, c1, page in self.pages():
-            out[c0:c1] = combine_rows(page, coeffs)
-        return out
+    def _block_cols(self) -> int:
+        return max(1, CHECKPOINT_BLOCK_BYTES // max(1, self.rows * itemsize(self.dtype)))
 
-    def gram(self) -> torch.Tensor:
-        out = torch.zeros(self.rows, self.rows, dtype=torch.float64, device=self.device)
-        for _, _, page in self.pages():
-            out += chunked_dots(page, page.t())
-        return out
+    def state_dict(self) -> dict[str, Any]:
+        """The window as CPU column blocks (docs/design.md, "Checkpoint layout"): no block is wider
+        than ``CHECKPOINT_BLOCK_BYTES``, so at most one block is in flight on the device."""
+        lo, hi = self.local_bounds()
+        width = self._block_cols()
+        blocks = [
+            (c0, min(hi, c0 + width), self.read_columns(c0, min(hi, c0 + width)))
+            for c0 in range(lo, hi, width)
+        ]
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "rows": self.rows,
+            "dim": self.dim,
+            "dtype": str(self.dtype),
+            "blocks": blocks,
+        }
 
-    def set_row(self, j: int, g: torch.Tensor) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def row(self, j: int) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def mask_columns(self, keep: torch.Tensor) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def zero_(self) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def load_state_dict(self, state: dict[str, Any] | torch.Tensor) -> None:
+        """Restore from :meth:`state_dict` (any storage, page geometry or shard split) or from a
+        dense ``(m, d)`` tensor (older checkpoints). Blocks outside this process's columns are skipped."""
+        if isinstance(state, torch.Tensor):
+            blocks = [(0, self.dim, state)]
+        else:
+            if (
+                state.get("format") != CHECKPOINT_FORMAT
+                or state["rows"] != self.rows
+                or state["dim"] != self.dim
+            ):
+                raise ValueError(
+                    f"window checkpoint (format={state.get('format')!r}, rows={state.get('rows')}, "
+                    f"dim={state.get('dim')}) does not match this window ({CHECKPOINT_FORMAT!r}, "
+                    f"rows={self.rows}, dim={self.dim})."
+                )
+            blocks = state["blocks"]
+        lo, hi = self.local_bounds()
+        self.zero_()
+        for c0, c1, block in blocks:
+            a, b = max(lo, c0), min(hi, c1)
+            if a < b:
+                self.write_columns(a, b, block[:, a - c0 : b - c0])
 
     def to_dense(self) -> torch.Tensor:
-        """The full ``(m, d)`` window on the CPU (for checkpoints and tests)."""
-        return (
-            torch.stack([self.row(j).cpu() for j in range(self.rows)])
-            if self.rows
-            else torch.empty(0, self.dim)
-        )
-
-    def load_dense(self, rows: torch.Tensor) -> None:
-        for j in range(self.rows):
-            self.set_row(j, rows[j])
+        """The full ``(m, d)`` window on the CPU, for tests and small windows (collective when sharded)."""
+        return self.read_columns(0, self.dim)
 
 
 class DeviceWindow(WindowStorage):
-    def __init__(self, rows: int, dim: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.rows, self.dim, self.dtype, self.device = rows, dim, dtype, torch.device(device)
-        self.data = torch.zeros(rows, dim, dtype=dtype, device=self.device)
-
-    def pages(self) -> Iterator[tuple[int, int, torch.Tensor]]:
-        yield 0, self.dim, self.data
-
-    def set_row(self, j: int, g: torch.Tensor) -> None:
-        self.data[j].copy_(g)
-
-    def row(self, j: int) -> torch.Tensor:
-        return self.data[j]
-
-    def mask_columns(self, keep: torch.Tensor) -> None:
-        self.data.mul_(keep.to(device=self.device, dtype=self.dtype))
-
-    def zero_(self) -> None:
-        self.data.zero_()
-
-    def to_dense(self) -> torch.Tensor:
-        return self.data.detach().cpu().clone()
-
-    def load_dense(self, rows: torch.Tensor) -> None:
-        self.data.copy_(rows)
-
-
-class PagedWindow(WindowStorage):
-    """Page-major host window ``(npages, m, page_cols)``: each page is one contiguous block, so a
-    page moves to the device in a single asynchronous copy from pinned memory."""
+    """All rows in one tensor on the compute device, plus the staging row when ``staging``."""
 
     def __init__(
         self,
         rows: int,
         dim: int,
         dtype: torch.dtype,
-        device: torch.device,
-        page_cols: int | None = None,
-        page_budget_bytes: int | None = None,
+        device: torch.device | str,
+        kernels: str | WindowKernels = "auto",
+        staging: bool = True,
+        data: torch.Tensor | None = None,
+        tile_cols: int | None = None,
     ) -> None:
         self.rows, self.dim, self.dtype, self.device = rows, dim, dtype, torch.device(device)
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        self.tile_cols = max(1, tile_cols or dim)
+        self.kernels = resolve_kernels(kernels, self.device) if isinstance(kernels, str) else kernels
+        if data is None:
+            data = torch.zeros(rows + int(staging), dim, dtype=dtype, device=self.device)
+        self.data = data
+        # Persistent views: the step uses them without creating any.
+        self._rows = data[:rows]
+        self._staged = data[rows] if staging else None
+        # index_copy_ refuses a source inside its destination: the row is committed from a copy.
+        self._commit_row = torch.empty(1, dim, dtype=dtype, device=self.device) if staging else None
+        self._commit_vec = self._commit_row[0] if staging else None
+
+    @classmethod
+    def wrap(
+        cls, rows: torch.Tensor, kernels: str | WindowKernels = "auto", tile_cols: int | None = None
+    ) -> DeviceWindow:
+        """A window over an existing ``(m, d)`` tensor, without copying it (static M-FAC), whose
+        ``column_tiles`` are ``tile_cols`` wide."""
+        m, d = rows.shape
+        return cls(m, d, rows.dtype, rows.device, kernels, staging=False, data=rows, tile_cols=tile_cols)
+
+    def dots(self, x):
+        return self.kernels.dots(self._rows, x)
+
+    def combine(self, coeffs, out_dtype=None):
+        return self.kernels.combine(self._rows, coeffs, out_dtype=out_dtype)
+
+    def gram(self):
+        return self.kernels.gram(self._rows)
+
+    def stage(self, g):
+        self._staged.copy_(g)
+
+    def staged_dots(self, out):
+        self.kernels.dots(self.data, self._staged, out=out)
+
+    def staged_combine(self, coeffs, out_dtype=None):
+        return self.kernels.combine(self.data, coeffs, out_dtype=out_dtype)
+
+    def commit(self, target):
+        self._commit_vec.copy_(self._staged)
+        self.data.index_copy_(0, target, self._commit_row)
+
+    def column_tiles(self):
+        for c0 in range(0, self.dim, self.tile_cols):
+            c1 = min(self.dim, c0 + self.tile_cols)
+            yield c0, c1, self._rows[:, c0:c1]
+
+    def columns(self, idx):
+        return self._rows.index_select(1, idx.to(self.device)).to(torch.float64)
+
+    def read_columns(self, c0, c1):
+        block = self._rows[:, c0:c1]
+        return block.clone() if block.device.type == "cpu" else block.cpu()
+
+    def write_columns(self, c0, c1, block):
+        self._rows[:, c0:c1].copy_(block)
+
+    def mask_columns(self, keep):
+        self._rows.mul_(keep.to(device=self.device, dtype=self.dtype))
+
+    def zero_(self):
+        self.data.zero_()
+
+
+class PagedWindow(WindowStorage):
+    """Page-major host window ``(npages, m, page_cols)``: each page is one contiguous block, so a
+    page moves to the device in a single asynchronous copy from pinned memory. The staging row
+    lives on the device."""
+
+    def __init__(
+        self,
+        rows: int,
+        dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        page_cols: int | None = None,
+        page_budget_bytes: int | None = None,
+        kernels: str | WindowKernels = "auto",
+    ) -> None:
+        self.rows, self.dim, self.dtype, self.device = rows, dim, dtype, torch.device(device)
+        self.kernels = resolve_kernels(kernels, self.device) if isinstance(kernels, str) else kernels
         if page_cols is None:
-            page_cols = default_page_cols(rows, itemsize, self.device, page_budget_bytes)
+            page_cols = default_page_cols(rows, itemsize(dtype), self.device, page_budget_bytes)
         self.page_cols = max(1, min(int(page_cols), dim))
         self.npages = math.ceil(dim / self.page_cols)
         pin = self.device.type == "cuda"
         self.host = torch.zeros(self.npages, rows, self.page_cols, dtype=dtype, pin_memory=pin)
+        self._staged = torch.zeros(dim, dtype=dtype, device=self.device)
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
-    def _bounds(self, p: int) -> tuple[int, int]:
+    @classmethod
+    def from_rows(
+        cls,
+        rows: torch.Tensor,
+        device: torch.device | str,
+        page_cols: int | None,
+        kernels: str | WindowKernels,
+    ) -> PagedWindow:
+        m, d = rows.shape
+        window = cls(m, d, rows.dtype, device, page_cols, None, kernels)
+        for p in range(window.npages):
+            c0, c1 = window.bounds(p)
+            window.host[p, :, : c1 - c0] = rows[:, c0:c1]
+        return window
+
+    def bounds(self, p: int) -> tuple[int, int]:
         c0 = p * self.page_cols
         return c0, min(self.dim, c0 + self.page_cols)
 
-    def pages(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+    # ------------------------------------------------------------------ streaming
+    def column_tiles(self):
         if self._copy_stream is None:
             for p in range(self.npages):
-                c0, c1 = self._bounds(p)
+                c0, c1 = self.bounds(p)
                 yield c0, c1, self.host[p, :, : c1 - c0]
             return
         main = torch.cuda.current_stream(self.device)
@@ -162,12 +318,12 @@ class PagedWindow(WindowStorage):
                 pending = self._fetch(p + 1, main)
             main.wait_event(ready)
             page.record_stream(main)
-            c0, c1 = self._bounds(p)
+            c0, c1 = self.bounds(p)
             yield c0, c1, page[:, : c1 - c0]
 
     def _fetch(self, p: int, main: torch.cuda.Stream) -> tuple[torch.Tensor, torch.cuda.Event]:
         assert self._copy_stream is not None
-        # The copy may only start once earlier work that wrote host pages (set_row) is ordered.
+        # The copy may only start once earlier work on the main stream is ordered before it.
         self._copy_stream.wait_stream(main)
         with torch.cuda.stream(self._copy_stream):
             page = self.host[p].to(self.device, non_blocking=True)
@@ -175,30 +331,111 @@ class PagedWindow(WindowStorage):
             ready.record(self._copy_stream)
         return page, ready
 
-    def set_row(self, j: int, g: torch.Tensor) -> None:
-        flat = torch.zeros(self.npages * self.page_cols, dtype=self.dtype)
-        flat[: self.dim] = g.detach().to("cpu", self.dtype)
-        self.host[:, j, :] = flat.view(self.npages, self.page_cols)
+    def _host_write_barrier(self) -> None:
+        """Wait for the page copies in flight before the host writes pages they may still be
+        reading (every host-side write goes through here: set, mask, zero, load)."""
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()
 
-    def row(self, j: int) -> torch.Tensor:
-        return self.host[:, j, :].reshape(-1)[: self.dim].clone()
+    # ------------------------------------------------------------------ passes
+    def dots(self, x):
+        out = torch.zeros((self.rows,) + tuple(x.shape[1:]), dtype=torch.float64, device=self.device)
+        for c0, c1, page in self.column_tiles():
+            self.kernels.dots(page, x[c0:c1], out=out)
+        return out
 
-    def mask_columns(self, keep: torch.Tensor) -> None:
+    def combine(self, coeffs, out_dtype=None):
+        dtype = out_dtype or default_out_dtype(self.dtype)
+        out = torch.empty((self.dim,) + tuple(coeffs.shape[1:]), dtype=dtype, device=self.device)
+        for c0, c1, page in self.column_tiles():
+            self.kernels.combine(page, coeffs, out=out[c0:c1])
+        return out
+
+    def gram(self):
+        out = torch.zeros(self.rows, self.rows, dtype=torch.float64, device=self.device)
+        for _, _, page in self.column_tiles():
+            self.kernels.gram(page, out=out)
+        return out
+
+    def stage(self, g):
+        self._staged.copy_(g)
+
+    def staged_dots(self, out):
+        m = self.rows
+        for c0, c1, page in self.column_tiles():
+            self.kernels.dots(page, self._staged[c0:c1], out=out[:m])
+        self.kernels.dots(self._staged.unsqueeze(0), self._staged, out=out[m:])
+
+    def staged_combine(self, coeffs, out_dtype=None):
+        m = self.rows
+        dtype = out_dtype or default_out_dtype(self.dtype)
+        out = torch.empty(self.dim, dtype=dtype, device=self.device)
+        for c0, c1, page in self.column_tiles():
+            # The staged row joins the page's float64 sum before the one rounding to ``dtype``.
+            part = self.kernels.combine(page, coeffs[:m], out_dtype=torch.float64)
+            part.add_(self._staged[c0:c1].to(torch.float64) * coeffs[m])
+            out[c0:c1] = part
+        return out
+
+    def commit(self, target):
+        # The row goes to pinned host memory: the host needs the slot, so a paged step reads it
+        # (one read per step; docs/design.md, "Host reads").
+        t = int(target[0])
+        if t < self.rows:
+            self._host_write_barrier()
+            row = self._staged.to("cpu")
+            flat = torch.zeros(self.npages * self.page_cols, dtype=self.dtype)
+            flat[: self.dim] = row
+            self.host[:, t, :] = flat.view(self.npages, self.page_cols)
+
+    # ------------------------------------------------------------------ columns
+    def columns(self, idx):
+        self._host_write_barrier()
+        idx = idx.cpu()
+        p, c = idx // self.page_cols, idx % self.page_cols
+        return self.host[p, :, c].t().to(self.device, torch.float64)
+
+    def read_columns(self, c0, c1):
+        self._host_write_barrier()
+        parts = []
+        for p in range(c0 // self.page_cols, math.ceil(c1 / self.page_cols)):
+            a, b = self.bounds(p)
+            lo, hi = max(a, c0), min(b, c1)
+            parts.append(self.host[p, :, lo - a : hi - a])
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0].clone()
+
+    def write_columns(self, c0, c1, block):
+        self._host_write_barrier()
+        for p in range(c0 // self.page_cols, math.ceil(c1 / self.page_cols)):
+            a, b = self.bounds(p)
+            lo, hi = max(a, c0), min(b, c1)
+            self.host[p, :, lo - a : hi - a] = block[:, lo - c0 : hi - c0].to("cpu", self.dtype)
+
+    def mask_columns(self, keep):
+        self._host_write_barrier()
         flat = torch.zeros(self.npages * self.page_cols, dtype=self.dtype)
         flat[: self.dim] = keep.to("cpu", self.dtype)
         self.host.mul_(flat.view(self.npages, 1, self.page_cols))
 
-    def zero_(self) -> None:
+    def zero_(self):
+        self._host_write_barrier()
         self.host.zero_()
+        self._staged.zero_()
 
 
 class ShardedWindow(WindowStorage):
-    """Each rank stores coordinates ``[lo, hi)`` of a contiguous 1/world split of ``d``."""
+    """Each rank stores coordinates ``[lo, hi)`` of a contiguous 1/world split of ``d`` in ``local``."""
 
     def __init__(self, local: WindowStorage, dim: int, lo: int, hi: int, group=None) -> None:
         self.local, self.dim, self.lo, self.hi, self.group = local, dim, lo, hi, group
-        self.rows, self.dtype, self.device = local.rows, local.dtype, local.device
+        self.rows, self.dtype, self.device, self.kernels = (
+            local.rows,
+            local.dtype,
+            local.device,
+            local.kernels,
+        )
         self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
         self.shard = math.ceil(dim / self.world)
 
     @staticmethod
@@ -211,58 +448,119 @@ class ShardedWindow(WindowStorage):
     def nbytes(self) -> int:
         return self.local.nbytes
 
-    def dots(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.local.dots(x[self.lo : self.hi])
-        dist.all_reduce(out, group=self.group)
-        return out
+    def local_bounds(self):
+        return self.lo, self.hi
 
-    def combine(self, coeffs: torch.Tensor) -> torch.Tensor:
-        part = self.local.combine(coeffs)
-        padded = part.new_zeros(self.shard, coeffs.shape[1])
+    def _gather(self, part: torch.Tensor) -> torch.Tensor:
+        padded = part.new_zeros((self.shard,) + tuple(part.shape[1:]))
         padded[: part.shape[0]] = part
         gathered = [torch.empty_like(padded) for _ in range(self.world)]
         dist.all_gather(gathered, padded, group=self.group)
         return torch.cat(gathered)[: self.dim]
 
-    def gram(self) -> torch.Tensor:
+    def dots(self, x):
+        out = self.local.dots(x[self.lo : self.hi])
+        dist.all_reduce(out, group=self.group)
+        return out
+
+    def combine(self, coeffs, out_dtype=None):
+        return self._gather(self.local.combine(coeffs, out_dtype))
+
+    def gram(self):
         out = self.local.gram()
         dist.all_reduce(out, group=self.group)
         return out
 
-    def set_row(self, j: int, g: torch.Tensor) -> None:
-        self.local.set_row(j, g[self.lo : self.hi])
+    def stage(self, g):
+        self.local.stage(g[self.lo : self.hi])
 
-    def row(self, j: int) -> torch.Tensor:
-        part = self.local.row(j).to(self.device)
-        padded = part.new_zeros(self.shard)
-        padded[: part.numel()] = part
-        gathered = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(gathered, padded, group=self.group)
-        return torch.cat(gathered)[: self.dim]
+    def staged_dots(self, out):
+        part = torch.zeros_like(out)
+        self.local.staged_dots(part)
+        dist.all_reduce(part, group=self.group)
+        out.add_(part)
 
-    def to_dense(self) -> torch.Tensor:
-        # Collective: every rank must call it (Lightning dumps checkpoints on all ranks).
-        return torch.stack([self.row(j).cpu() for j in range(self.rows)])
+    def staged_combine(self, coeffs, out_dtype=None):
+        return self._gather(self.local.staged_combine(coeffs, out_dtype))
 
-    def load_dense(self, rows: torch.Tensor) -> None:
-        self.local.load_dense(rows[:, self.lo : self.hi])
+    def commit(self, target):
+        self.local.commit(target)
 
-    def mask_columns(self, keep: torch.Tensor) -> None:
+    def column_tiles(self):
+        raise NotImplementedError("a sharded window holds a slice of the columns: iterate its local storage")
+
+    def columns(self, idx):
+        idx = idx.to(self.device)
+        out = torch.zeros(self.rows, idx.numel(), dtype=torch.float64, device=self.device)
+        mine = (idx >= self.lo) & (idx < self.hi)
+        local = self.local.columns((idx - self.lo).clamp(0, max(0, self.hi - self.lo - 1)))
+        out += local * mine.to(torch.float64)
+        dist.all_reduce(out, group=self.group)
+        return out
+
+    def read_columns(self, c0, c1):
+        a, b = max(c0, self.lo), min(c1, self.hi)
+        if a >= b:
+            return torch.empty(self.rows, 0, dtype=self.dtype)
+        return self.local.read_columns(a - self.lo, b - self.lo)
+
+    def write_columns(self, c0, c1, block):
+        a, b = max(c0, self.lo), min(c1, self.hi)
+        if a < b:
+            self.local.write_columns(a - self.lo, b - self.lo, block[:, a - c0 : b - c0])
+
+    def mask_columns(self, keep):
         self.local.mask_columns(keep[self.lo : self.hi])
 
-    def zero_(self) -> None:
+    def zero_(self):
         self.local.zero_()
 
+    def state_dict(self) -> dict[str, Any]:
+        """Each rank's own column blocks; rank 0 also receives the other ranks' blocks, one block at
+        a time through ``gather`` (never an all-gather), because a single-file checkpoint (Lightning's
+        DDP) is written from rank 0. A rank never holds another rank's shard on its device."""
+        mine = WindowStorage.state_dict(self)
+        width = self._block_cols()
+        nblocks = math.ceil(self.shard / width)
+        blocks = []
+        for k in range(nblocks):
+            lo = self.lo + k * width
+            hi = min(self.hi, lo + width)
+            part = self.read_columns(lo, hi) if lo < hi else torch.empty(self.rows, 0, dtype=self.dtype)
+            padded = torch.zeros(self.rows, width, dtype=self.dtype)
+            padded[:, : part.shape[1]] = part
+            padded = padded.to(self.device)
+            bucket = [torch.empty_like(padded) for _ in range(self.world)] if self.rank == 0 else None
+            dist.gather(padded, bucket, dst=0, group=self.group)
+            if self.rank == 0:
+                for r, got in enumerate(bucket):
+                    rlo, rhi = self.bounds(self.dim, r, self.world)
+                    a, b = rlo + k * width, min(rhi, rlo + (k + 1) * width)
+                    if a < b:
+                        blocks.append((a, b, got[:, : b - a].cpu()))
+        if self.rank == 0:
+            mine["blocks"] = blocks
+        return mine
 
-def default_page_cols(rows: int, itemsize: int, device: torch.device, budget_bytes: int | None) -> int:
-    """Columns per page so that two pages in flight plus their float64 work copies fit the budget."""
+    def to_dense(self) -> torch.Tensor:
+        # Collective: the full window on every rank, for tests only.
+        return torch.stack(
+            [
+                self._gather(self.local.read_columns(0, self.hi - self.lo)[j].to(self.device)).cpu()
+                for j in range(self.rows)
+            ]
+        )
+
+
+def default_page_cols(rows: int, item: int, device: torch.device, budget_bytes: int | None) -> int:
+    """Columns per page so that two pages in flight fit the budget."""
     if budget_bytes is None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             budget_bytes = int(PAGE_BUDGET_FRACTION * free)
         else:
             budget_bytes = 256 << 20
-    per_col = rows * (2 * itemsize + 8)
+    per_col = rows * 3 * item
     return max(1, budget_bytes // max(1, per_col))
 
 
@@ -275,6 +573,7 @@ def make_window(
     page_cols: int | None = None,
     page_budget_bytes: int | None = None,
     process_group=None,
+    kernels: str | WindowKernels = "auto",
 ) -> WindowStorage:
     """Build a window; ``storage="auto"`` picks ``sharded`` under an initialized process group of
     more than one rank, else ``device`` if the window takes at most ``AUTO_DEVICE_FRACTION`` of free
@@ -295,11 +594,11 @@ def make_window(
         inner = (
             "device" if device.type != "cuda" else resolve_auto_storage(rows, hi - lo, dtype, device, None)
         )
-        local = make_window(rows, hi - lo, dtype, device, inner, page_cols, page_budget_bytes)
+        local = make_window(rows, hi - lo, dtype, device, inner, page_cols, page_budget_bytes, None, kernels)
         return ShardedWindow(local, dim, lo, hi, process_group)
     if storage == "paged":
-        return PagedWindow(rows, dim, dtype, device, page_cols, page_budget_bytes)
-    return DeviceWindow(rows, dim, dtype, device)
+        return PagedWindow(rows, dim, dtype, device, page_cols, page_budget_bytes, kernels)
+    return DeviceWindow(rows, dim, dtype, device, kernels)
 
 
 def resolve_auto_storage(rows: int, dim: int, dtype: torch.dtype, device: torch.device, process_group) -> str:
@@ -307,6 +606,6 @@ def resolve_auto_storage(rows: int, dim: int, dtype: torch.dtype, device: torch.
         return "sharded"
     if device.type != "cuda":
         return "device"
-    need = rows * dim * torch.empty((), dtype=dtype).element_size()
+    need = rows * dim * itemsize(dtype)
     free, _ = torch.cuda.mem_get_info(device)
     return "device" if need <= AUTO_DEVICE_FRACTION * free else "paged"

@@ -244,7 +244,7 @@ class FlatPreconditioner:
     def state_dict(self, include_window: bool = True) -> dict[str, Any]:
         fisher = self.fisher.state_dict()
         if not include_window:
-            fisher = {k: v for k, v in fisher.items() if k not in ("window", "gram", "damped_gram_inverse")}
+            fisher = {k: v for k, v in fisher.items() if k not in ("window", "core", "core_inverse")}
         return {"shapes": list(self.shapes), "fisher": fisher}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> bool:
@@ -278,7 +278,7 @@ def _dynamic_inverse(
 
 
 def _update_mul(fisher: DynamicFisherInverse, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    out = fisher.update_mul(g, skip_nonfinite=True)
+    out = fisher.update_mul(g, return_finite=True)
     if isinstance(out, tuple):
         return out
     if out is None:
