@@ -14,6 +14,7 @@ from dispatch_counters import DispatchCounter, count_launches
 from test_fisher_dynamic import DenseWindow, correlated_grads, rel_err
 
 from lightning_mfac.fisher import DynamicFisherInverse, WindowConfig
+from lightning_mfac.fisher._numerics import warn_once
 from lightning_mfac.fisher.dynamic import bordered_update
 
 OP_BUDGET = 40
@@ -93,7 +94,7 @@ def test_nonfinite_gradient_is_flagged_without_a_read_and_never_stored() -> None
         inv.update_mul(g)
 
 
-def test_failed_check_skips_the_step_and_guards_the_next_period() -> None:
+def test_failed_check_skips_the_step_and_guards_the_next_period(monkeypatch: pytest.MonkeyPatch) -> None:
     """Drift planted in C⁻¹ between two reads: the step is rejected on the device -- zero direction,
     flag False, nothing stored, no host read -- and the next refactor reports it and guards the
     next period, where a rejected update is repaired through a fresh factorization."""
@@ -109,6 +110,7 @@ def test_failed_check_skips_the_step_and_guards_the_next_period() -> None:
     assert torch.equal(direction, torch.zeros_like(direction))
     assert torch.equal(inv.window.to_dense().double(), stored)
     assert int(inv.count) == count and int(inv.rejected) == 1
+    monkeypatch.setattr(warn_once, "_seen", set())  # warned once per process: forget earlier tests
     with pytest.warns(RuntimeWarning, match="lost accuracy"):
         inv._refactor()
     assert inv._guarded
