@@ -198,3 +198,27 @@ def test_relative_damping_reads_once_per_period_in_steady_state() -> None:
             for g in grads:
                 inv.update_mul(g, return_finite=True)
     assert c.host_reads <= 3
+
+
+def test_capture_logic_replays_the_same_steps() -> None:
+    """The capture path on the CPU, with a runner that re-executes what a CUDA graph would replay:
+    the same directions as the eager step, across refactors, a skipped step and a guarded period."""
+    from lightning_mfac.fisher.capture import CapturedStep, ReplayRunner
+
+    d, m = 40, 6
+    eager = DynamicFisherInverse(d, m, 1e-2, window=WindowConfig(dtype=torch.float64))
+    captured = DynamicFisherInverse(d, m, 1e-2, window=WindowConfig(dtype=torch.float64))
+    assert not captured.captured  # "auto" captures on CUDA only
+    captured.captured = True
+    captured._captured_step = CapturedStep(captured._flagged_step, ReplayRunner)
+    grads = correlated_grads(5 * m, d, seed=21)
+    for t, g in enumerate(grads):
+        if t == 3 * m:
+            g = g.clone()
+            g[0] = float("nan")
+        a, fa = eager.update_mul(g, return_finite=True)
+        b, fb = captured.update_mul(g, return_finite=True)
+        assert torch.equal(a, b) and bool(fa) == bool(fb), t
+    assert captured._captured_step.runner.replays >= 2 * m
+    with pytest.raises(ValueError, match="capture='cuda_graph' needs a window on the device"):
+        DynamicFisherInverse(d, m, window=WindowConfig(storage="paged", capture="cuda_graph"))

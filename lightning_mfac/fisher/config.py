@@ -17,6 +17,9 @@ from lightning_mfac import _validation as check
 from lightning_mfac.fisher.kernels import KERNELS
 
 STORAGES = ("auto", "device", "paged", "sharded")
+#: ``"cuda_graph"``: the steady-state dynamic step is captured once and replayed; ``"auto"``: that on
+#: CUDA for a window on the device, eager otherwise (paged steps keep their page stream).
+CAPTURES = ("auto", "off", "cuda_graph")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class WindowConfig:
         page_budget_bytes: device memory for the pages in flight of a paged window.
         refactor_every: steps between fresh factorizations of ``S`` (default: the window size ``m``).
         kernels: implementation of the window passes: ``"auto"``, ``"triton"``, ``"cpu"`` or ``"torch"``.
+        capture: ``"auto"``, ``"off"`` or ``"cuda_graph"`` (see :data:`CAPTURES`).
         process_group: ``torch.distributed`` group of a sharded window (default: the world).
     """
 
@@ -42,6 +46,7 @@ class WindowConfig:
     page_budget_bytes: int | None = None
     refactor_every: int | None = None
     kernels: str = "auto"
+    capture: str = "auto"
     process_group: Any = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -49,6 +54,7 @@ class WindowConfig:
             object.__setattr__(self, "dtype", check.window_dtype("dtype", self.dtype))
         check.one_of("storage", self.storage, STORAGES)
         check.one_of("kernels", self.kernels, KERNELS)
+        check.one_of("capture", self.capture, CAPTURES)
         for name in ("page_cols", "page_budget_bytes", "refactor_every"):
             value = getattr(self, name)
             if value is not None:

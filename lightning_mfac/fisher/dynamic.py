@@ -35,6 +35,7 @@ import torch
 
 from lightning_mfac import _validation as check
 from lightning_mfac.fisher._numerics import compute_dtype, eig_inverse, warn_once
+from lightning_mfac.fisher.capture import CapturedStep, CudaGraphRunner
 from lightning_mfac.fisher.config import WindowConfig, reject_legacy_arguments
 from lightning_mfac.fisher.storage import WindowStorage, make_window
 
@@ -123,6 +124,8 @@ class DynamicFisherInverse:
         self._dots = torch.zeros(m + 1, dtype=f64, device=dev)
         self._staged_norm = self._dots[m]
         self.finite = torch.ones((), dtype=torch.bool, device=dev)
+        self.captured = self._capture_mode() == "cuda_graph"
+        self._captured_step = CapturedStep(self._flagged_step, CudaGraphRunner)
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -145,6 +148,23 @@ class DynamicFisherInverse:
         self._rejections = 0
         self.calls = 0
         self._since_refactor = 0
+
+    def _capture_mode(self) -> str:
+        mode = self.config.capture
+        if mode == "auto":
+            resident = self.storage == "DeviceWindow"
+            mode = "cuda_graph" if self.device.type == "cuda" and resident else "off"
+        elif mode == "cuda_graph" and self.storage != "DeviceWindow":
+            raise ValueError(
+                f"capture='cuda_graph' needs a window on the device, got storage {self.storage}: "
+                "paged and sharded steps read pages or talk to other ranks; use capture='auto' or 'off'."
+            )
+        return mode
+
+    def _flagged_step(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The steady-state step as a function of ``g`` alone: what a capture records."""
+        direction = self._step(g, want_direction=True)
+        return direction, self.finite
 
     def _set_lambda(self, lam: float) -> None:
         self.lam = float(lam)
@@ -284,7 +304,10 @@ class DynamicFisherInverse:
           host read per step).
         """
         g = self._as_vector(g, "g", finite=not (skip_nonfinite or return_finite))
-        direction = self._step(g, want_direction=True)
+        if self.captured and not self._guarded:
+            direction, self.finite = self._captured_step(g)
+        else:
+            direction = self._step(g, want_direction=True)
         self._after_step()
         if return_finite:
             return direction, self.finite
