@@ -108,3 +108,21 @@ def test_skipped_step_reads_nothing_on_the_host(momentum):
         assert c.host_reads == reads["engine"], c.summary()
         reads["engine"] = 0
     assert opt.skipped_steps == 1
+
+
+def test_steady_steps_read_the_host_at_most_once_per_refactor():
+    """End to end (window included): over 3m steady steps the whole optimizer step reads at most
+    3 device values on the host, the window's one health read per refactor interval."""
+    torch.manual_seed(0)
+    m = 8
+    model = torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    opt = MFAC(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=1e-3, ngrads=m, damp=1e-3)
+    x, y = torch.randn(64, 20), torch.randint(0, 4, (64,))
+    reads = []
+    for _ in range(5 * m):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        with DispatchCounter() as c:
+            opt.step()
+        reads.append(c.host_reads)
+    assert sum(reads[2 * m :]) <= 3, reads

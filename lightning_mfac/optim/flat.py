@@ -205,12 +205,13 @@ class FlatPreconditioner:
     def precondition(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add ``g`` to the window and return ``(F⁻¹g, finite)``, both on the device.
 
-        ``finite`` is a boolean 0-dim tensor. Where it is False, ``g`` was not finite, the window
-        was left untouched and the direction is all zeros, so a caller that scales its step by
-        ``finite`` (or ignores it, for a plain ``p -= lr·u``) skips the step without a host read.
+        ``finite`` is a boolean 0-dim tensor. Where it is False, ``g`` was not finite (or, rarely,
+        the window's O(m²) update failed its check), nothing was stored and the direction is all
+        zeros, so a caller that scales its step by ``finite`` (or ignores it, for a plain
+        ``p -= lr·u``) skips the step without a host read.
         The direction lives in an internal buffer (see :attr:`direction_views`).
         """
-        u, finite = _update_mul(self.fisher, g)
+        u, finite = self.fisher.update_mul(g, return_finite=True)
         torch.where(finite, u, self._zero, out=self._direction)
         return self._direction, finite
 
@@ -275,12 +276,3 @@ def _dynamic_inverse(
         device=device,
         window=window.replace(dtype=window.resolved_dtype(param_dtype)),
     )
-
-
-def _update_mul(fisher: DynamicFisherInverse, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    out = fisher.update_mul(g, return_finite=True)
-    if isinstance(out, tuple):
-        return out
-    if out is None:
-        return torch.zeros_like(g), torch.zeros((), dtype=torch.bool, device=g.device)
-    return out, torch.ones((), dtype=torch.bool, device=g.device)

@@ -33,14 +33,19 @@ class Grafting:
 
     name = "none"
 
-    def target_norms(self, grads: list[torch.Tensor], finite: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def target_norms(
+        self, grads: list[torch.Tensor], finite: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """The norm of the grafted method's direction, one 0-d tensor per gradient tensor.
         ``finite`` (a 0-d bool tensor, False for a step the caller skips) keeps state unchanged."""
         raise NotImplementedError
 
     @torch.no_grad()
     def graft_(
-        self, directions: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], finite: torch.Tensor | None = None
+        self,
+        directions: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        finite: torch.Tensor | None = None,
     ) -> None:
         """Rescale each ``directions[i]`` in place to the grafted norm computed from ``grads[i]``.
 
@@ -49,14 +54,19 @@ class Grafting:
         the device (no host read)."""
         directions, grads = list(directions), list(grads)
         if len(directions) != len(grads):
-            raise ValueError(f"{type(self).__name__}: {len(directions)} directions for {len(grads)} gradients.")
+            raise ValueError(
+                f"{type(self).__name__}: {len(directions)} directions for {len(grads)} gradients."
+            )
         if not directions:
             return
         target = self.target_norms(grads, finite)
         current = torch._foreach_norm(directions)
         # where(), not clamp_min(): a tiny but non-zero direction must still get the full target norm.
         ok = [c > 0 if finite is None else (c > 0) & finite for c in current]
-        scales = [torch.where(k, t.to(c.dtype) / c, torch.zeros_like(c)) for k, t, c in zip(ok, target, current, strict=True)]
+        scales = [
+            torch.where(k, t.to(c.dtype) / c, torch.zeros_like(c))
+            for k, t, c in zip(ok, target, current, strict=True)
+        ]
         torch._foreach_mul_(directions, scales)
 
     def apply_masks(self, keeps: Sequence[torch.Tensor | None]) -> None:
@@ -81,7 +91,9 @@ class SGDGrafting(Grafting):
 
     name = "sgd"
 
-    def target_norms(self, grads: list[torch.Tensor], finite: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def target_norms(
+        self, grads: list[torch.Tensor], finite: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         return list(torch._foreach_norm(grads))
 
 
@@ -94,13 +106,18 @@ class AdamGrafting(Grafting):
     def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas={betas!r} is invalid: expected a pair (beta1, beta2) in [0, 1).")
-        self.betas = (check.in_unit_interval("betas[0]", betas[0]), check.in_unit_interval("betas[1]", betas[1]))
+        self.betas = (
+            check.in_unit_interval("betas[0]", betas[0]),
+            check.in_unit_interval("betas[1]", betas[1]),
+        )
         self.eps = check.positive_float("eps", eps)
         self.steps: torch.Tensor | int = 0  # a device tensor once stepping: skips are decided on the device
         self.exp_avg: list[torch.Tensor] = []
         self.exp_avg_sq: list[torch.Tensor] = []
 
-    def target_norms(self, grads: list[torch.Tensor], finite: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def target_norms(
+        self, grads: list[torch.Tensor], finite: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         if not self.exp_avg:
             self.exp_avg = [torch.zeros_like(g, dtype=_state_dtype(g)) for g in grads]
             self.exp_avg_sq = [torch.zeros_like(m) for m in self.exp_avg]

@@ -40,8 +40,10 @@ class MFAC(Optimizer):
 
     **Non-finite gradients.** A step whose gradient (with weight decay) is not finite is skipped
     without reading anything on the host: the window is left untouched, the update is multiplied
-    by the device flag, momentum is kept. :attr:`skipped_steps_tensor` counts them on the device;
-    :attr:`skipped_steps` reads that count (one host sync, only when asked).
+    by the device flag, momentum is kept. (The window also refuses, and the step is skipped the
+    same way, in the rare case that its O(m²) update fails its accuracy check.)
+    :attr:`skipped_steps_tensor` counts them on the device; :attr:`skipped_steps` reads that count
+    (one host sync, only when asked).
 
     **Checkpoints** go through ``state_dict``/``load_state_dict`` (registered hooks): the window,
     its factorization and the skip counter are stored under ``state_dict()["mfac"]``, and resuming
