@@ -14,6 +14,7 @@ from lightning_mfac import _validation as check
 from lightning_mfac.fisher.config import WindowConfig
 from lightning_mfac.fisher.storage import STORAGES
 from lightning_mfac.optim.flat import FlatPreconditioner
+from lightning_mfac.fisher.dynamic import DAMP_MODES
 from lightning_mfac.optim.grafting import GRAFTS, make_grafting
 from lightning_mfac.selection import match_names, name_patterns
 
@@ -40,7 +41,8 @@ class MFACPreconditioner(Callback):
 
     Args:
         ngrads: window size ``m``.
-        damp: dampening ``λ``.
+        damp: dampening ``λ`` (``damp_mode="absolute"``) or the factor ``δ`` of
+            ``λ = δ·mean(diag GGᵀ)/m`` (``damp_mode="relative"``: follows the gradients' scale).
         weight_decay: added to the gradient before preconditioning (leave the optimizer's at 0).
         window_dtype: ``None`` (float32; float64 for float64 parameters), ``"float32"``/``"bfloat16"``.
         storage: ``"auto"``, ``"device"``, ``"paged"`` or ``"sharded"``.
@@ -53,6 +55,7 @@ class MFACPreconditioner(Callback):
             of that method's direction on the same gradient, so the optimizer keeps the lr tuned
             without the callback (see :mod:`lightning_mfac.optim.grafting`). With several
             preconditioned optimizers each gets its own grafting state.
+        damp_mode: ``"absolute"`` or ``"relative"`` (how ``damp`` is read, see above).
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class MFACPreconditioner(Callback):
         page_cols: int | None = None,
         refactor_every: int | None = None,
         graft: Any = None,
+        damp_mode: str = "absolute",
     ) -> None:
         self.ngrads = check.positive_int("ngrads", ngrads)
         self.damp = check.positive_float("damp", damp)
@@ -95,6 +99,7 @@ class MFACPreconditioner(Callback):
         self._pending: dict[int, dict[str, Any]] = {}
         self.nonfinite_steps = 0
         self.graft = check.one_of("graft", graft, (None, *GRAFTS))
+        self.damp_mode = check.one_of("damp_mode", damp_mode, DAMP_MODES)
         self._grafts: dict[int, Any] = {}
 
     @property
@@ -205,7 +210,8 @@ class MFACPreconditioner(Callback):
                 refactor_every=self.refactor_every,
             )
             pre = self._pre[idx] = FlatPreconditioner(
-                params, self.ngrads, self.damp, window, owner="MFACPreconditioner", names=names
+                params, self.ngrads, self.damp, window, owner="MFACPreconditioner", names=names,
+                damp_mode=self.damp_mode,
             )
             self._names[idx] = names
             if self.graft is not None:

@@ -105,6 +105,7 @@ class FlatPreconditioner:
         window: :class:`~lightning_mfac.fisher.config.WindowConfig` (or a mapping of its fields).
         owner: prefix of error messages (``"MFAC"``, ``"MFACPreconditioner"``).
         names: parameter names for error messages, where the caller knows them.
+        damp_mode: ``"absolute"`` (``damp`` is ``λ``) or ``"relative"`` (``λ = damp·mean(diag GGᵀ)/m``).
     """
 
     def __init__(
@@ -116,6 +117,7 @@ class FlatPreconditioner:
         *,
         owner: str = "MFAC",
         names: Sequence[str] | None = None,
+        damp_mode: str = "absolute",
     ) -> None:
         params = list(params)
         check_parameters(params, owner, names)
@@ -127,7 +129,7 @@ class FlatPreconditioner:
         self.dim = sum(self.sizes)
         self.device = params[0].device
         self.window = WindowConfig.coerce(window)
-        self.fisher = _dynamic_inverse(self.dim, ngrads, damp, self.device, self.window, params[0].dtype)
+        self.fisher = _dynamic_inverse(self.dim, ngrads, damp, self.device, self.window, params[0].dtype, damp_mode)
         # The gradient enters the window at the window's compute precision; the direction comes
         # back in the parameters' dtype when they share one (so the foreach updates take the
         # fast path), else at the compute precision and is cast per parameter by the update.
@@ -267,7 +269,13 @@ class FlatPreconditioner:
 
 # ---------------------------------------------------------------------- engine calls
 def _dynamic_inverse(
-    dim: int, ngrads: int, damp: float, device: torch.device, window: WindowConfig, param_dtype: torch.dtype
+    dim: int,
+    ngrads: int,
+    damp: float,
+    device: torch.device,
+    window: WindowConfig,
+    param_dtype: torch.dtype,
+    damp_mode: str = "absolute",
 ) -> DynamicFisherInverse:
     return DynamicFisherInverse(
         dim,
@@ -275,4 +283,5 @@ def _dynamic_inverse(
         damp,
         device=device,
         window=window.replace(dtype=window.resolved_dtype(param_dtype)),
+        damp_mode=damp_mode,
     )

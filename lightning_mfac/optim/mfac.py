@@ -12,6 +12,7 @@ from lightning_mfac import _validation as check
 from lightning_mfac.fisher._numerics import warn_once
 from lightning_mfac.fisher.config import WindowConfig
 from lightning_mfac.optim.flat import FlatPreconditioner, check_masks, check_parameters
+from lightning_mfac.fisher.dynamic import DAMP_MODES
 from lightning_mfac.optim.grafting import make_grafting
 
 _WINDOW_KEYS = ("ngrads", "damp")
@@ -57,7 +58,8 @@ class MFAC(Optimizer):
         momentum: ``μ ∈ [0, 1)``.
         weight_decay: ``wd ≥ 0``, added to the gradient before preconditioning.
         ngrads: window size ``m ≥ 1``.
-        damp: dampening ``λ > 0``.
+        damp: dampening ``λ > 0`` (``damp_mode="absolute"``) or the factor ``δ`` of
+            ``λ = δ·mean(diag GGᵀ)/m`` (``damp_mode="relative"``: follows the gradients' scale).
         window: how the window is stored and multiplied: a
             :class:`~lightning_mfac.fisher.config.WindowConfig`, a mapping of its fields
             (``dtype``, ``storage``, ``page_cols``, ``page_budget_bytes``, ``refactor_every``,
@@ -66,6 +68,7 @@ class MFAC(Optimizer):
             that method's direction on the same gradient, before momentum, so an lr tuned for
             SGD/Adam carries over (:mod:`lightning_mfac.optim.grafting`; Adam's moments are saved
             in ``state_dict()["mfac"]["graft"]``).
+        damp_mode: ``"absolute"`` or ``"relative"`` (how ``damp`` is read, see above).
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class MFAC(Optimizer):
         damp: float = 1e-5,
         window: WindowConfig | Mapping[str, Any] | None = None,
         graft: Any = None,
+        damp_mode: str = "absolute",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -89,6 +93,7 @@ class MFAC(Optimizer):
         _check_hyperparameters(defaults, "")
         self.window = WindowConfig.coerce(window)
         self.graft = make_grafting(graft)
+        self.damp_mode = check.one_of("damp_mode", damp_mode, DAMP_MODES)
         self._pre: FlatPreconditioner | None = None
         self._skipped: torch.Tensor | None = None
         super().__init__(params, defaults)
@@ -145,6 +150,7 @@ class MFAC(Optimizer):
                 first["damp"] if damp is None else damp,
                 self.window,
                 owner="MFAC",
+                damp_mode=self.damp_mode,
             )
         else:
             self._pre.verify(params)
