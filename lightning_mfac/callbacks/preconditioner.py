@@ -12,9 +12,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_mfac import _validation as check
 from lightning_mfac.fisher.config import WindowConfig
+from lightning_mfac.fisher.dynamic import DAMP_MODES
 from lightning_mfac.fisher.storage import STORAGES
 from lightning_mfac.optim.flat import FlatPreconditioner
-from lightning_mfac.fisher.dynamic import DAMP_MODES
 from lightning_mfac.optim.grafting import GRAFTS, make_grafting
 from lightning_mfac.selection import match_names, name_patterns
 

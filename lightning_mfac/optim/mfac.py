@@ -11,8 +11,8 @@ from torch.optim import Optimizer
 from lightning_mfac import _validation as check
 from lightning_mfac.fisher._numerics import warn_once
 from lightning_mfac.fisher.config import WindowConfig
-from lightning_mfac.optim.flat import FlatPreconditioner, check_masks, check_parameters
 from lightning_mfac.fisher.dynamic import DAMP_MODES
+from lightning_mfac.optim.flat import FlatPreconditioner, check_masks, check_parameters
 from lightning_mfac.optim.grafting import make_grafting
 
 _WINDOW_KEYS = ("ngrads", "damp")
