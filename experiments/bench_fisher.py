@@ -1,39 +1,35 @@
-"""Benchmark of the M-FAC Fisher core against the floors of DESIGN.md ("Performance model").
+"""Benchmark of the M-FAC Fisher core against its floors (docs/design.md, "Performance model").
 
-Times, each the median of several repetitions (synchronized on CUDA):
+Per case it prints the time of one operation next to
 
-* static: precompute (``StaticFisherInverse(...)``), ``diag()`` and one IHVP (``mul``), full and
-  blocked;
-* dynamic: one optimizer step (``update_mul``) over a grid of (d, m, window dtype, storage).
+* its floor: the bytes the operation must read over the measured copy bandwidth (dynamic step:
+  ``2·m·d·bytes``, i.e. two reads of the window; paged on CUDA: over the pinned host→device rate),
+* the ratio to a float32 GEMV over an ``m × d`` window, timed interleaved with it in the same process
+  on the same threads (the reference arithmetic: dynamic step and static ``mul`` read the window
+  twice, so their target is about 2 GEMVs),
+* aten ops plus kernel launches per call and host reads per call, counted with
+  ``tests/dispatch_counters.py`` (a steady-state step, after the guarded first refactor period),
+* peak extra memory: on CUDA the allocator's peak above the window; on the CPU the largest tensor
+  the call allocates (the window itself excluded).
 
-Each time is printed next to its floor and the ratio time / floor. The floors use rates measured
-in the same run:
+Times are the minimum over repetitions interleaved with the GEMV, so a shared machine inflates both
+sides alike. Usage::
 
-* dynamic step, window on the device: ``2·m·d·bytes / B_mem`` (two reads of the window), with
-  ``B_mem`` the device copy bandwidth (read + write bytes of a large tensor copy);
-* dynamic step, paged window: ``2·m·d·bytes / B_h2d`` with ``B_h2d`` the pinned host→device copy
-  bandwidth (on the CPU nothing is copied, so the CPU floor is the memory bandwidth);
-* static precompute: ``2·m²·d / R_gemm`` with ``R_gemm`` the measured float32 GEMM rate;
-* IHVP: ``2·m·d·bytes(Q) / B_mem`` (Q read twice); ``diag()``: ``2·d·8 / B_mem`` (a copy).
+    python experiments/bench_fisher.py --quick          # CPU, about a minute on one thread
+    python experiments/bench_fisher.py                   # CPU grid recorded in experiments/RESULTS.md
+    python experiments/bench_fisher.py --device cuda --json experiments/bench_fisher_gpu.json
 
-Usage::
-
-    python experiments/bench_fisher.py --quick                 # CPU smoke run, about 10 s (1 thread)
-    python experiments/bench_fisher.py --device cuda --json experiments/bench_fisher_h100.json
-
-The default (non-quick) grid holds the reference cases of DESIGN.md: dynamic d = 272,474
-(ResNet-20) and d = 11,689,512 (ResNet-18) at m = 1024 with float32 and bfloat16 windows on the
-device and paged; static d = 2,000,000, m = 1024, full and B = 128.
+The CUDA grid holds the reference cases of issue 11: dynamic d = 272,474 and d = 11,689,512 at
+m = 1024 (float32 and bfloat16, on the device and paged) and static d = 2,000,000, m = 1024.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import gc
 import json
+import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -41,325 +37,223 @@ from typing import Any
 
 import torch
 
-from lightning_mfac.fisher import DynamicFisherInverse, StaticFisherInverse, WindowConfig
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from dispatch_counters import DispatchCounter, count_launches  # noqa: E402
+
+from lightning_mfac.fisher import DynamicFisherInverse, StaticFisherInverse, WindowConfig  # noqa: E402
 
 MiB = 1 << 20
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-# ---------------------------------------------------------------------- measurement helpers
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def median_time(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 1) -> float:
-    """Median wall time in seconds of ``reps`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
+def interleaved(fns: list[Callable[[], Any]], device: torch.device, reps: int) -> list[float]:
+    """Minimum wall time of each function, the calls interleaved round-robin."""
+    best = [float("inf")] * len(fns)
     for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for i, fn in enumerate(fns):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, reps: int) -> float:
-    """Bytes/s moved (read + write) by a large on-device copy."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    t = median_time(lambda: dst.copy_(src), device, reps)
+    (t,) = interleaved([lambda: dst.copy_(src)], device, reps)
     return 2 * nbytes / t
 
 
 def h2d_bandwidth(device: torch.device, nbytes: int, reps: int) -> float | None:
-    """Bytes/s of a pinned host → device copy (None on the CPU: nothing moves)."""
     if device.type != "cuda":
         return None
     src = torch.empty(nbytes // 4, dtype=torch.float32).pin_memory()
     dst = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
-    t = median_time(lambda: dst.copy_(src, non_blocking=True), device, reps)
+    (t,) = interleaved([lambda: dst.copy_(src, non_blocking=True)], device, reps)
     return nbytes / t
 
 
-def gemm_rate(device: torch.device, n: int, dtype: torch.dtype, reps: int) -> float:
-    """Flop/s of an ``n × n × n`` GEMM (TF32 off: the Fisher core never uses it)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    flags = torch.backends.cuda.matmul
-    saved = getattr(flags, "fp32_precision", None)
-    if saved is not None:
-        flags.fp32_precision = "ieee"
+def counted(call: Callable[[], Any], kernels_owner: Any) -> DispatchCounter:
+    counter = DispatchCounter()
+    saved = kernels_owner.kernels
+    kernels_owner.kernels = count_launches(saved, counter)
     try:
-        t = median_time(lambda: a @ b, device, reps)
+        with counter:
+            call()
     finally:
-        if saved is not None:
-            flags.fp32_precision = saved
-    return 2 * n**3 / t
+        kernels_owner.kernels = saved
+    return counter
 
 
-class PeakMemory:
-    """Peak device memory allocated inside the block, above what was allocated before it."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.peak = device, None
-
-    def __enter__(self) -> PeakMemory:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.synchronize(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+def peak_extra(call: Callable[[], Any], device: torch.device, counter: DispatchCounter) -> int:
+    if device.type != "cuda":
+        return counter.largest_bytes
+    sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    call()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - base
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-# ---------------------------------------------------------------------- benchmark cases
 def bench_dynamic(
-    d: int,
-    m: int,
-    wdtype: str,
-    storage: str,
-    device: torch.device,
-    reps: int,
-    rates: dict,
-    page_cols: int | None,
+    d: int, m: int, wdtype: str, storage: str, device, reps: int, rates: dict, page_cols
 ) -> dict:
     dtype = DTYPES[wdtype]
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    with PeakMemory(device) as mem:
-        inv = DynamicFisherInverse(
-            d,
-            m,
-            1e-5,
-            device=device,
-            window=WindowConfig(
-                dtype=dtype, storage=storage, page_cols=page_cols if storage == "paged" else None
-            ),
-        )
-        # Distinct gradients: repeating a few would leave a rank-deficient window, whose O(m²)
-        # inverse update is rejected (refactor every step) -- not the steady state being timed.
-        pool = iter([torch.randn(d, device=device) for _ in range(reps + 2)])
-        t = median_time(lambda: inv.update_mul(next(pool)), device, reps, warmup=2)
-    bytes_read = 2 * m * d * itemsize
-    if storage == "paged" and rates["h2d"] is not None:
-        floor, basis = bytes_read / rates["h2d"], "2·m·d·bytes / pinned H2D"
-    else:
-        floor, basis = bytes_read / rates["mem"], "2·m·d·bytes / copy BW"
+    window = WindowConfig(dtype=dtype, storage=storage, page_cols=page_cols if storage == "paged" else None)
+    inv = DynamicFisherInverse(d, m, 1e-5, device=device, window=window)
+    gen = torch.Generator(device=device).manual_seed(0)
+    base = torch.randn(d, device=device, generator=gen)
+    # More distinct gradients than slots: a window of repeated gradients is rank-deficient, whose
+    # updates are rejected and guarded -- not the steady state being timed.
+    pool = [base + torch.randn(d, device=device, generator=gen) for _ in range(m + 8)]
+    state = {"i": 0}
+
+    def step() -> None:
+        state["i"] += 1
+        inv.update_mul(pool[state["i"] % len(pool)], return_finite=True)
+
+    for _ in range(2 * m + 2):  # fill the window and leave the guarded first period
+        step()
+    gemv_rows = torch.randn(m, d, device=device)
+    x = torch.randn(d, device=device)
+    t, t_gemv = interleaved([step, lambda: torch.mv(gemv_rows, x)], device, reps)
+    while inv._since_refactor in (0, inv.refactor_every - 1):  # count a step that does not refactor
+        step()
+    c = counted(step, inv.window)
+    item = dtype.itemsize
+    floor = 2 * m * d * item / (rates["h2d"] if storage == "paged" and rates["h2d"] else rates["mem"])
     return {
-        "op": "dynamic update_mul",
+        "case": f"dynamic update_mul {storage}",
         "d": d,
         "m": m,
         "window": wdtype,
-        "storage": storage,
-        "block_size": None,
         "time_s": t,
         "floor_s": floor,
-        "floor_basis": basis,
-        "ratio": t / floor,
-        "peak_mem_bytes": mem.peak,
+        "gemv_s": t_gemv,
+        "vs_gemv": t / t_gemv,
+        "ops": c.ops + c.launches,
+        "host_reads": c.host_reads,
+        "peak_extra_bytes": peak_extra(step, device, c),
+        "window_bytes": m * d * item,
     }
 
 
-def bench_static(
-    d: int, m: int, block_size: int | None, device: torch.device, reps: int, rates: dict
-) -> list[dict]:
-    with PeakMemory(device) as mem:
-        grads = torch.randn(m, d, device=device)
-        holder: list[StaticFisherInverse] = []
-
-        def build() -> None:
-            holder.clear()
-            holder.append(StaticFisherInverse(grads, 1e-5, block_size=block_size))
-
-        t_build = median_time(build, device, reps, warmup=1)
-        inv = holder[0]
-        x = torch.randn(d, device=device)
-        t_diag = median_time(inv.diag, device, max(reps, 5), warmup=1)
-        t_mul = median_time(lambda: inv.mul(x), device, reps, warmup=1)
-    qbytes = 4  # Q (or the block inverses) kept in float32 for float32 gradients
-    if block_size is not None and block_size <= m:
-        # Direct blocks: the B × B inverses are read once, GEMM cost d·B² per precompute.
-        pre_flops, ihvp_bytes = 2 * d * block_size * m, d * block_size * qbytes
-    else:
-        pre_flops, ihvp_bytes = 2 * m * m * d, 2 * m * d * qbytes
-    common = {"d": d, "m": m, "window": "fp32 grads", "storage": "device", "block_size": block_size}
-    rows = [
-        {
-            "op": "static precompute",
-            **common,
-            "time_s": t_build,
-            "floor_s": pre_flops / rates["gemm32"],
-            "floor_basis": "2·m²·d / fp32 GEMM" if pre_flops == 2 * m * m * d else "2·d·B·m / fp32 GEMM",
-        },
-        {
-            "op": "static diag()",
-            **common,
-            "time_s": t_diag,
-            "floor_s": 2 * d * 8 / rates["mem"],
-            "floor_basis": "2·d·8 / copy BW",
-        },
-        {
-            "op": "static mul (1 IHVP)",
-            **common,
-            "time_s": t_mul,
-            "floor_s": ihvp_bytes / rates["mem"],
-            "floor_basis": "2·m·d·4 / copy BW" if block_size is None or block_size > m else "d·B·4 / copy BW",
-        },
-    ]
-    for row in rows:
-        row["ratio"] = row["time_s"] / row["floor_s"]
-        row["peak_mem_bytes"] = mem.peak
+def bench_static(d: int, m: int, block_size: int | None, device, reps: int, rates: dict) -> list[dict]:
+    grads = torch.randn(m, d, device=device)
+    inv = StaticFisherInverse(grads, 1e-5, block_size=block_size)
+    x = torch.randn(d, device=device, dtype=torch.float64)
+    t_mul, t_gemv = interleaved([lambda: inv.mul(x), lambda: torch.mv(grads, x.float())], device, reps)
+    owner = inv._window if inv._window is not None else inv
+    c = counted(lambda: inv.mul(x), owner) if inv._window is not None else DispatchCounter()
+    if inv._window is None:
+        with c:
+            inv.mul(x)
+    t0 = time.perf_counter()
+    with DispatchCounter() as cb:
+        StaticFisherInverse(grads, 1e-5, block_size=block_size)
+    t_build = time.perf_counter() - t0
+    rows = []
+    for case, t, counter, floor in (
+        ("static mul", t_mul, c, 2 * m * d * 4 / rates["mem"]),
+        ("static precompute", t_build, cb, 2 * m * m * d / rates["gemm"]),
+    ):
+        rows.append(
+            {
+                "case": case + (f" B={block_size}" if block_size else " full"),
+                "d": d,
+                "m": m,
+                "window": "fp32",
+                "time_s": t,
+                "floor_s": floor,
+                "gemv_s": t_gemv,
+                "vs_gemv": t / t_gemv,
+                "ops": counter.ops + counter.launches,
+                "host_reads": counter.host_reads,
+                "peak_extra_bytes": counter.largest_bytes,
+                "window_bytes": m * d * 4,
+            }
+        )
     return rows
 
 
+def gemm_rate(device: torch.device, reps: int) -> float:
+    n = 1024 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    (t,) = interleaved([lambda: a @ b], device, reps)
+    return 2 * n**3 / t
+
+
 def grids(quick: bool, device: torch.device) -> tuple[list[tuple], list[tuple]]:
-    """(dynamic cases (d, m, dtype, storage), static cases (d, m, block_size))."""
-    if quick:
+    if device.type == "cuda":
         dyn = [
-            (d, m, w, s)
-            for d in (100_000,)
-            for m in (32, 64)
+            (d, 1024, w, s)
+            for d in (272_474, 11_689_512)
             for w in ("fp32", "bf16")
             for s in ("device", "paged")
         ]
-        return dyn, [(100_000, 64, None), (100_000, 64, 128), (100_000, 64, 32)]
-    dyn = [
-        (d, 1024, w, s) for d in (272_474, 11_689_512) for w in ("fp32", "bf16") for s in ("device", "paged")
-    ]
-    return dyn, [(2_000_000, 1024, None), (2_000_000, 1024, 128)]
+        return dyn, [(2_000_000, 1024, None), (2_000_000, 1024, 128)]
+    if quick:
+        return [(100_000, 32, w, "device") for w in ("fp32", "bf16")], [(100_000, 32, None)]
+    dyn = [(d, m, w, "device") for d, m in ((1_000_000, 32), (272_474, 256)) for w in ("fp32", "bf16")]
+    dyn.append((272_474, 256, "fp32", "paged"))
+    return dyn, [(1_000_000, 64, None), (1_000_000, 64, 1024), (1_000_000, 64, 32)]
 
 
-# ---------------------------------------------------------------------- output
-def fmt_time(seconds: float) -> str:
-    ms = seconds * 1e3
-    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.0f}"
-
-
-def markdown_table(rows: list[dict], device: torch.device) -> str:
+def table(rows: list[dict]) -> str:
     head = (
-        "| operation | d | m | window | storage | B | median (ms) | floor (ms) | time/floor | floor basis |"
+        "| case | d | m | window | time (ms) | floor (ms) | × fp32 GEMV | ops+launches | host reads "
+        "| peak extra (MiB) |\n| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
-    sep = "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | --- |"
-    if device.type == "cuda":
-        head = head[:-1] + " peak GPU mem (MiB) |"
-        sep += " ---: |"
-    lines = [head, sep]
+    lines = [head]
     for r in rows:
-        line = (
-            f"| {r['op']} | {r['d']:,} | {r['m']} | {r['window']} | {r['storage']} | {r['block_size'] or '—'} "
-            f"| {fmt_time(r['time_s'])} | {fmt_time(r['floor_s'])} | {r['ratio']:.1f} | {r['floor_basis']} |"
+        lines.append(
+            f"| {r['case']} | {r['d']:,} | {r['m']} | {r['window']} | {r['time_s'] * 1e3:.2f} "
+            f"| {r['floor_s'] * 1e3:.2f} | {r['vs_gemv']:.2f} | {r['ops']} | {r['host_reads']} "
+            f"| {r['peak_extra_bytes'] / MiB:.1f} |"
         )
-        if device.type == "cuda":
-            line += f" {r['peak_mem_bytes'] / MiB:.0f} |"
-        lines.append(line)
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="small CPU-sized grid: a smoke run of a few seconds"
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small CPU grid (about a minute)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    parser.add_argument(
-        "--reps", type=int, default=None, help="timed repetitions per case (default 5, quick 3)"
-    )
-    parser.add_argument("--only", choices=("static", "dynamic"), help="run one half of the grid")
-    parser.add_argument(
-        "--page-cols", type=int, default=None, help="page width of paged windows (default: from free memory)"
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: 1 with --quick, whose tiny ops only pay OpenMP hand-offs; else torch's choice)",
-    )
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions per case (default 5, quick 3)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--page-cols", type=int, default=65_536, help="page width of paged windows")
     args = parser.parse_args(argv)
-    threads = args.threads or (1 if args.quick else None)
-    if threads:
-        torch.set_num_threads(threads)
-
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available")
     reps = args.reps or (3 if args.quick else 5)
-    page_cols = args.page_cols or (16_384 if args.quick else None)
-    started = time.perf_counter()
-
-    copy_bytes = (64 if args.quick else 1024) * MiB
     rates = {
-        "mem": copy_bandwidth(device, copy_bytes, reps),
-        "h2d": h2d_bandwidth(device, copy_bytes, reps),
-        "gemm32": gemm_rate(device, 1024 if device.type == "cpu" else 8192, torch.float32, reps),
-        "gemm64": gemm_rate(device, 1024 if device.type == "cpu" else 8192, torch.float64, reps),
+        "mem": copy_bandwidth(device, 256 * MiB, reps),
+        "h2d": h2d_bandwidth(device, 256 * MiB, reps),
+        "gemm": gemm_rate(device, reps),
     }
-    meta = {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join(sys.argv) if argv is None else "bench_fisher.py " + " ".join(argv),
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "cpu": cpu_model(),
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "quick": args.quick,
-        "reps": reps,
-        "rates": rates,
-    }
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(
-        f"# bench_fisher ({'quick CPU smoke run' if args.quick else 'full grid'}) on {meta['gpu'] or meta['cpu']}"
+        f"# bench_fisher on {where}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
+        f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; copy {rates['mem'] / 1e9:.1f} GB/s, "
+        f"fp32 GEMM {rates['gemm'] / 1e9:.0f} GFLOP/s"
+        + (f", pinned H2D {rates['h2d'] / 1e9:.1f} GB/s" if rates["h2d"] else "")
     )
-    print(
-        f"date {meta['date']}, torch {meta['torch']}, {meta['cpu_threads']} CPU threads, median of {reps} reps"
-    )
-    h2d = f"{rates['h2d'] / 1e9:.1f} GB/s" if rates["h2d"] else "n/a (CPU: pages are read in place)"
-    print(
-        f"measured: copy bandwidth {rates['mem'] / 1e9:.1f} GB/s (read+write), pinned H2D {h2d}, "
-        f"GEMM fp32 {rates['gemm32'] / 1e12:.3f} TFLOP/s, fp64 {rates['gemm64'] / 1e12:.3f} TFLOP/s\n",
-        flush=True,
-    )
-
-    dyn_cases, static_cases = grids(args.quick, device)
-    rows: list[dict] = []
-    if args.only != "dynamic":
-        for d, m, b in static_cases:
-            rows += bench_static(d, m, b, device, reps, rates)
-            print(f"  static d={d:,} m={m} B={b}: done", file=sys.stderr, flush=True)
-    if args.only != "static":
-        for d, m, w, s in dyn_cases:
-            rows.append(bench_dynamic(d, m, w, s, device, reps, rates, page_cols))
-            print(f"  dynamic d={d:,} m={m} {w} {s}: done", file=sys.stderr, flush=True)
-
-    print(markdown_table(rows, device))
-    elapsed = time.perf_counter() - started
-    print(f"\ntotal wall time {elapsed:.1f} s")
+    dyn, static = grids(args.quick, device)
+    rows = [bench_dynamic(*case, device, reps, rates, args.page_cols) for case in dyn]
+    for case in static:
+        rows.extend(bench_static(*case, device, reps, rates))
+    print(table(rows))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"meta": meta, "rows": rows, "wall_s": elapsed}, fh, indent=2)
-        print(f"wrote {args.json}")
+            json.dump({"rates": rates, "rows": rows}, fh, indent=1)
     return 0
 
 

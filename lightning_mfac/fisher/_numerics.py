@@ -11,6 +11,15 @@ import warnings
 
 import torch
 
+from lightning_mfac import _validation as check
+
+
+def check_finite(name: str, x: torch.Tensor) -> None:
+    """``ValueError`` naming ``name`` if ``x`` holds inf/NaN: one float64 sum (non-finite exactly
+    when an entry is, short of a 1e308 overflow), the exact count only on the error path."""
+    if not bool(torch.isfinite(x.sum(dtype=torch.float64))):
+        check.finite_tensor(name, x)
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype in which a window of ``dtype`` is multiplied: at least float32."""

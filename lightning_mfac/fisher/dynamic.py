@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from lightning_mfac import _validation as check
-from lightning_mfac.fisher._numerics import compute_dtype, eig_inverse, warn_once
+from lightning_mfac.fisher._numerics import check_finite, compute_dtype, eig_inverse, warn_once
 from lightning_mfac.fisher.capture import CapturedStep, CudaGraphRunner
 from lightning_mfac.fisher.config import WindowConfig, reject_legacy_arguments
 from lightning_mfac.fisher.storage import WindowStorage, make_window
@@ -274,7 +274,7 @@ class DynamicFisherInverse:
         """``F⁻¹ x`` for ``x`` of shape ``(d,)`` or ``(d, k)``."""
         check.float_tensor("x", x, (1, 2))
         self._check_shape_device(x, "x")
-        check.finite_tensor("x", x)
+        check_finite("x", x)
         m = self.ngrads
         x64 = x.detach().to(torch.float64)
         u = self.window.dots(x64)
@@ -456,7 +456,7 @@ class DynamicFisherInverse:
         check.float_tensor(name, g, (1,))
         self._check_shape_device(g, name)
         if finite:
-            check.finite_tensor(name, g)
+            check_finite(name, g)
         return g.detach() if g.requires_grad else g
 
 

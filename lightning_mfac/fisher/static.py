@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_mfac import _validation as check
-from lightning_mfac.fisher._numerics import spd_cholesky, spd_inverse
+from lightning_mfac.fisher._numerics import check_finite, spd_cholesky, spd_inverse
 from lightning_mfac.fisher.config import WindowConfig, reject_legacy_arguments
 from lightning_mfac.fisher.kernels import resolve_kernels
 from lightning_mfac.fisher.storage import DeviceWindow, PagedWindow, WindowStorage
@@ -77,7 +77,7 @@ class StaticFisherInverse:
             raise ValueError(
                 f"grads has shape {(m, d)}: expected at least one gradient of at least one coordinate."
             )
-        _check_finite_by_tiles(grads)
+        check_finite("grads", grads)
         self.damp = check.positive_float("damp", damp)
         self.ngrads, self.dim = m, d
         self.block_size = d if block_size is None else min(check.positive_int("block_size", block_size), d)
@@ -176,19 +176,18 @@ class StaticFisherInverse:
         check.float_tensor("x", x, (1, 2))
         if x.shape[0] != self.dim:
             raise ValueError(f"x has shape {tuple(x.shape)}: expected first dimension d={self.dim}.")
-        check.finite_tensor("x", x)
+        check_finite("x", x)
+        if self._full:  # the passes take (d,) or (d, k) as they are
+            return self._mul_full(x.to(self.device, torch.float64))
         cols = (x if x.dim() == 2 else x.unsqueeze(1)).to(self.device, torch.float64)
-        if self.direct:
-            out = self._mul_direct(cols)
-        elif self._full:
-            out = self._mul_full(cols)
-        else:
-            out = self._mul_blocked(cols)
+        out = self._mul_direct(cols) if self.direct else self._mul_blocked(cols)
         return out.reshape(x.shape)
 
     def _mul_full(self, x: torch.Tensor) -> torch.Tensor:
-        c = torch.cholesky_solve(self._window.dots(x), self._factor[0])
-        return (x - self._window.combine(c, out_dtype=torch.float64)) / self.damp
+        u = self._window.dots(x)
+        c = torch.cholesky_solve(u.reshape(self.ngrads, -1), self._factor[0]).reshape(u.shape)
+        out = self._window.combine(c, out_dtype=torch.float64)
+        return out.sub_(x).mul_(-1.0 / self.damp)
 
     def _mul_blocked(self, x: torch.Tensor) -> torch.Tensor:
         k = x.shape[1]
@@ -244,11 +243,3 @@ class StaticFisherInverse:
         """``L_b⁻¹ gᵢ`` for the columns ``idx`` of block ``blk`` (float64 ``(m, n)``)."""
         return torch.linalg.solve_triangular(self._factor[blk], self._window.columns(idx), upper=False)
 
-
-def _check_finite_by_tiles(grads: torch.Tensor) -> None:
-    """``check.finite_tensor`` one column tile at a time: its temporaries stay tile-sized."""
-    m, d = grads.shape
-    width = default_tile_cols(m, d)
-    bad = sum(int((~torch.isfinite(grads[:, c0 : c0 + width])).sum()) for c0 in range(0, d, width))
-    if bad:
-        raise ValueError(f"grads contains {bad} non-finite entries (inf/NaN): expected finite values only.")
