@@ -1,7 +1,10 @@
 """CUDA-only checks of the Fisher core: paged windows (pinned host pages streamed to the GPU) give
-the device-resident result, the peak GPU memory of a paged run stays within a few pages plus the
-m × m work, and the CUDA numerics (float32 partial sums, TF32 guard) keep float32 accuracy on
-real training gradients. Skipped without CUDA."""
+the device-resident result, the peak GPU memory of paged runs and checkpoints stays within a few
+pages, the CUDA kernels keep float32 accuracy on real training gradients (also with TF32 enabled
+by the user), and the captured CUDA-graph step equals the eager one. Skipped without CUDA::
+
+    python -m pytest -q tests/test_fisher_gpu.py
+"""
 
 from __future__ import annotations
 
