@@ -10,6 +10,7 @@ import torch
 
 from lightning_mfac import MFAC
 from lightning_mfac.fisher.config import WindowConfig
+from lightning_mfac.fisher.kernels import resolve_kernels
 from lightning_mfac.optim.masking import MaskableWindow, broadcast_masks
 
 
@@ -396,9 +397,10 @@ def test_window_config_reaches_the_window_and_matches_dense(window):
         assert (_vector(model) - _vector(ref)).abs().max() < 1e-10
     want = WindowConfig.coerce(window)
     assert opt.window == want
-    assert opt._pre.window == want
-    if want.refactor_every is not None:
-        assert opt._pre.fisher.refactor_every == want.refactor_every
+    fisher = opt._pre.fisher
+    assert fisher.config.kernels == want.kernels and fisher.dtype == torch.float64
+    assert fisher.window.kernels.name == resolve_kernels(want.kernels, "cpu").name
+    assert fisher.refactor_every == (want.refactor_every or m)
 
 
 def test_mixed_parameter_dtypes_follow_a_float32_run():
@@ -436,3 +438,43 @@ def test_apply_masks_follows_the_shared_protocol():
     assert torch.all(window[:, ~keep.reshape(-1)] == 0)
     with pytest.raises(ValueError, match=r"mask of parameter \(index 0, shape \(4, 5\).*has shape \(5, 4\)"):
         opt.apply_masks({weight: keep.t()})
+
+
+def test_relative_damping_reaches_the_window_and_resumes():
+    """``damp_mode="relative"`` is a window setting like ``damp``: MFAC steps by exactly the
+    engine's ``F⁻¹g`` with relative dampening, and resumes exactly."""
+    from lightning_mfac.fisher import DynamicFisherInverse
+
+    kw = {"lr": 0.1, "ngrads": 3, "damp": 0.5, "damp_mode": "relative"}
+    batches = list(_batches(8))
+    model, ref = _model(), _model()
+    opt = MFAC(model.parameters(), **kw)
+    assert opt.param_groups[0]["damp_mode"] == "relative"
+    dim = sum(q.numel() for q in ref.parameters())
+    fisher = DynamicFisherInverse(dim, 3, 0.5, window={"dtype": torch.float64}, damp_mode="relative")
+    for batch in batches[:5]:
+        _train(model, opt, [batch])
+        for q in ref.parameters():
+            q.grad = None
+        _loss(ref, batch).backward()
+        g = torch.nn.utils.parameters_to_vector([q.grad for q in ref.parameters()])
+        u = fisher.update_mul(g)
+        torch.nn.utils.vector_to_parameters(_vector(ref) - 0.1 * u, ref.parameters())
+        assert (_vector(model) - _vector(ref)).abs().max() < 1e-12
+    assert opt._pre.fisher.damp_mode == "relative"
+    clone = copy.deepcopy(model)
+    opt2 = MFAC(clone.parameters(), **dict(kw, damp_mode="absolute"))
+    with pytest.warns(RuntimeWarning, match="saved with damp_mode='relative'"):
+        opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for batch in batches[5:]:
+        _train(model, opt, [batch])
+        _train(clone, opt2, [batch])
+    assert torch.equal(_vector(model), _vector(clone))
+
+
+def test_bad_damp_mode():
+    with pytest.raises(ValueError, match="damp_mode='squared'"):
+        MFAC(_model().parameters(), damp_mode="squared")
+    p = list(_model().parameters())
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: damp_mode='relative' differs"):
+        MFAC([{"params": p[:2]}, {"params": p[2:], "damp_mode": "relative"}])

@@ -101,11 +101,11 @@ class FlatPreconditioner:
     Args:
         params: the parameters, all dense, floating point, on one device (checked here).
         ngrads: window size ``m``.
-        damp: dampening ``λ``.
+        damp: dampening ``λ`` (the factor ``δ`` with ``damp_mode="relative"``).
+        damp_mode: ``"absolute"`` or ``"relative"`` (see :class:`~lightning_mfac.fisher.DynamicFisherInverse`).
         window: :class:`~lightning_mfac.fisher.config.WindowConfig` (or a mapping of its fields).
         owner: prefix of error messages (``"MFAC"``, ``"MFACPreconditioner"``).
         names: parameter names for error messages, where the caller knows them.
-        damp_mode: ``"absolute"`` (``damp`` is ``λ``) or ``"relative"`` (``λ = damp·mean(diag GGᵀ)/m``).
     """
 
     def __init__(
@@ -115,9 +115,9 @@ class FlatPreconditioner:
         damp: float,
         window: WindowConfig | Mapping[str, Any] | None = None,
         *,
+        damp_mode: str = "absolute",
         owner: str = "MFAC",
         names: Sequence[str] | None = None,
-        damp_mode: str = "absolute",
     ) -> None:
         params = list(params)
         check_parameters(params, owner, names)
@@ -129,7 +129,14 @@ class FlatPreconditioner:
         self.dim = sum(self.sizes)
         self.device = params[0].device
         self.window = WindowConfig.coerce(window)
-        self.fisher = _dynamic_inverse(self.dim, ngrads, damp, self.device, self.window, params[0].dtype, damp_mode)
+        self.fisher = DynamicFisherInverse(
+            self.dim,
+            ngrads,
+            damp,
+            device=self.device,
+            window=self.window.replace(dtype=self.window.resolved_dtype(params[0].dtype)),
+            damp_mode=damp_mode,
+        )
         # The gradient enters the window at the window's compute precision; the direction comes
         # back in the parameters' dtype when they share one (so the foreach updates take the
         # fast path), else at the compute precision and is cast per parameter by the update.
@@ -265,23 +272,3 @@ class FlatPreconditioner:
             return False
         self.fisher.load_state_dict(state["fisher"])
         return True
-
-
-# ---------------------------------------------------------------------- engine calls
-def _dynamic_inverse(
-    dim: int,
-    ngrads: int,
-    damp: float,
-    device: torch.device,
-    window: WindowConfig,
-    param_dtype: torch.dtype,
-    damp_mode: str = "absolute",
-) -> DynamicFisherInverse:
-    return DynamicFisherInverse(
-        dim,
-        ngrads,
-        damp,
-        device=device,
-        window=window.replace(dtype=window.resolved_dtype(param_dtype)),
-        damp_mode=damp_mode,
-    )

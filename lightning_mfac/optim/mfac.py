@@ -15,7 +15,7 @@ from lightning_mfac.fisher.dynamic import DAMP_MODES
 from lightning_mfac.optim.flat import FlatPreconditioner, check_masks, check_parameters
 from lightning_mfac.optim.grafting import make_grafting
 
-_WINDOW_KEYS = ("ngrads", "damp")
+_WINDOW_KEYS = ("ngrads", "damp", "damp_mode")
 
 
 class MFAC(Optimizer):
@@ -31,7 +31,7 @@ class MFAC(Optimizer):
         w_{t+1} &= w_t - \eta\, u_t
 
     **Parameter groups.** One window spans all parameters of all groups, in group order, so
-    ``ngrads`` and ``damp`` are window settings: they live in ``defaults`` and in every group like
+    ``ngrads``, ``damp`` and ``damp_mode`` are window settings: they live in ``defaults`` and in every group like
     any torch hyperparameter, but all groups must agree on them (a group that sets a different
     value is refused). ``lr``, ``momentum`` and ``weight_decay`` may differ per group.
 
@@ -49,7 +49,7 @@ class MFAC(Optimizer):
     **Checkpoints** go through ``state_dict``/``load_state_dict`` (registered hooks): the window,
     its factorization and the skip counter are stored under ``state_dict()["mfac"]``, and resuming
     continues exactly. As with every torch optimizer, the hyperparameters in the checkpoint's
-    ``param_groups`` (``ngrads`` and ``damp`` included) replace the constructor's; a difference is
+    ``param_groups`` (the window settings included) replace the constructor's; a difference is
     warned about once.
 
     Args:
@@ -58,8 +58,9 @@ class MFAC(Optimizer):
         momentum: ``μ ∈ [0, 1)``.
         weight_decay: ``wd ≥ 0``, added to the gradient before preconditioning.
         ngrads: window size ``m ≥ 1``.
-        damp: dampening ``λ > 0`` (``damp_mode="absolute"``) or the factor ``δ`` of
-            ``λ = δ·mean(diag GGᵀ)/m`` (``damp_mode="relative"``: follows the gradients' scale).
+        damp: dampening ``λ > 0`` (or the factor ``δ`` of a relative dampening).
+        damp_mode: ``"absolute"`` (``λ = damp``) or ``"relative"`` (``λ = damp·mean(diag GGᵀ)/m``,
+            following the scale of the gradients; see :class:`~lightning_mfac.fisher.DynamicFisherInverse`).
         window: how the window is stored and multiplied: a
             :class:`~lightning_mfac.fisher.config.WindowConfig`, a mapping of its fields
             (``dtype``, ``storage``, ``page_cols``, ``page_budget_bytes``, ``refactor_every``,
@@ -68,7 +69,6 @@ class MFAC(Optimizer):
             that method's direction on the same gradient, before momentum, so an lr tuned for
             SGD/Adam carries over (:mod:`lightning_mfac.optim.grafting`; Adam's moments are saved
             in ``state_dict()["mfac"]["graft"]``).
-        damp_mode: ``"absolute"`` or ``"relative"`` (how ``damp`` is read, see above).
     """
 
     def __init__(
@@ -79,9 +79,9 @@ class MFAC(Optimizer):
         weight_decay: float = 0.0,
         ngrads: int = 1024,
         damp: float = 1e-5,
+        damp_mode: str = "absolute",
         window: WindowConfig | Mapping[str, Any] | None = None,
         graft: Any = None,
-        damp_mode: str = "absolute",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -89,11 +89,11 @@ class MFAC(Optimizer):
             "weight_decay": weight_decay,
             "ngrads": ngrads,
             "damp": damp,
+            "damp_mode": damp_mode,
         }
         _check_hyperparameters(defaults, "")
         self.window = WindowConfig.coerce(window)
         self.graft = make_grafting(graft)
-        self.damp_mode = check.one_of("damp_mode", damp_mode, DAMP_MODES)
         self._pre: FlatPreconditioner | None = None
         self._skipped: torch.Tensor | None = None
         super().__init__(params, defaults)
@@ -140,26 +140,27 @@ class MFAC(Optimizer):
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _preconditioner(self, ngrads: int | None = None, damp: float | None = None) -> FlatPreconditioner:
+    def _preconditioner(self, settings: Mapping[str, Any] | None = None) -> FlatPreconditioner:
+        """The window, built on first use from ``settings`` (default: the groups' window settings)."""
         params = self._params()
         if self._pre is None:
-            first = self.param_groups[0]
+            use = settings if settings is not None else self.param_groups[0]
             self._pre = FlatPreconditioner(
-                params,
-                first["ngrads"] if ngrads is None else ngrads,
-                first["damp"] if damp is None else damp,
-                self.window,
-                owner="MFAC",
-                damp_mode=self.damp_mode,
+                params, use["ngrads"], use["damp"], self.window, damp_mode=use["damp_mode"], owner="MFAC"
             )
         else:
             self._pre.verify(params)
         return self._pre
 
     def _check_window_settings(self, pre: FlatPreconditioner) -> None:
-        """``ngrads``/``damp`` edited in ``param_groups`` after the window was built cannot take effect."""
+        """Window settings edited in ``param_groups`` after the window was built cannot take effect."""
         for i, group in enumerate(self.param_groups):
-            for key, built in (("ngrads", pre.fisher.ngrads), ("damp", pre.fisher.damp)):
+            built_with = {
+                "ngrads": pre.fisher.ngrads,
+                "damp": pre.fisher.damp,
+                "damp_mode": pre.fisher.damp_mode,
+            }
+            for key, built in built_with.items():
                 if group[key] != built:
                     raise ValueError(
                         f"MFAC: param_groups[{i}][{key!r}]={group[key]!r} but the window was built with "
@@ -244,6 +245,7 @@ def _check_hyperparameters(group: Mapping[str, Any], where: str) -> None:
         check.nonnegative_float("weight_decay", group["weight_decay"])
         check.positive_int("ngrads", group["ngrads"])
         check.positive_float("damp", group["damp"])
+        check.one_of("damp_mode", group["damp_mode"], DAMP_MODES)
     except ValueError as err:
         raise ValueError(f"{prefix}{err}") from None
 
@@ -280,10 +282,7 @@ def _load_window(optimizer: MFAC, state_dict: dict[str, Any]) -> dict[str, Any]:
                 f"MFAC: the checkpoint was saved with {key}={old[0]!r}, this optimizer was built with "
                 f"{key}={groups[0][key]!r}; kept the checkpoint's value together with its window."
             )
-    saved = [
-        dict(g, ngrads=g.get("ngrads", groups[0]["ngrads"]), damp=g.get("damp", groups[0]["damp"]))
-        for g in saved
-    ]
+    saved = [dict(g, **{key: g.get(key, groups[0][key]) for key in _WINDOW_KEYS}) for g in saved]
     state_dict["param_groups"] = saved
     if extra is None:
         return state_dict
@@ -293,13 +292,13 @@ def _load_window(optimizer: MFAC, state_dict: dict[str, Any]) -> dict[str, Any]:
     if optimizer.graft is not None and extra.get("graft") is not None:
         optimizer.graft.load_state_dict(extra["graft"])
     window = extra.get("window")
-    ngrads, damp = saved[0]["ngrads"], saved[0]["damp"]
-    if optimizer._pre is not None and (optimizer._pre.fisher.ngrads != ngrads):
+    settings = {key: saved[0][key] for key in _WINDOW_KEYS}
+    if optimizer._pre is not None and (optimizer._pre.fisher.ngrads != settings["ngrads"]):
         optimizer._pre = None  # a window of the checkpoint's size replaces it
     if window is None:
         if optimizer._pre is not None:
             optimizer._pre.fisher.reset()
         return state_dict
-    pre = optimizer._preconditioner(ngrads, damp)
+    pre = optimizer._preconditioner(settings)
     pre.load_state_dict(window)
     return state_dict
