@@ -191,26 +191,29 @@ def test_resolve_kernels() -> None:
         resolve_kernels("cpu", "cuda")
 
 
-def test_without_numba_auto_falls_back_once_and_cpu_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    import builtins
+@pytest.mark.parametrize(
+    ("impl", "device", "dependency"), [("cpu", "cpu", "numba"), ("triton", "cuda", "triton")]
+)
+def test_missing_dependency_auto_falls_back_once_and_by_name_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, impl: str, device: str, dependency: str
+) -> None:
+    module = kernels_mod._NEEDS[impl][0]
 
-    real_import = builtins.__import__
-
-    def no_numba(name, *args, **kwargs):
-        if name == "numba" or name.startswith("numba.") or name.endswith("kernels.cpu"):
-            raise ImportError(f"No module named {name!r}")
+    def missing(name, *args, **kwargs):
+        if name == module:
+            raise ImportError(f"No module named {dependency!r}")
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "__import__", no_numba)
-    monkeypatch.setattr(kernels_mod, "_warned_no_numba", False)
-    monkeypatch.delitem(__import__("sys").modules, "lightning_mfac.fisher.kernels.cpu", raising=False)
-    with pytest.warns(RuntimeWarning, match="numba could not be imported.*kernels='torch'"):
-        assert resolve_kernels("auto", "cpu").name == "torch"
+    real_import = importlib.import_module
+    monkeypatch.setattr(kernels_mod.importlib, "import_module", missing)
+    monkeypatch.setattr(kernels_mod, "_warned", set())
+    with pytest.warns(RuntimeWarning, match=f"{dependency} could not be imported.*kernels='torch'"):
+        assert resolve_kernels("auto", device).name == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # only one warning per process
-        assert resolve_kernels("auto", "cpu").name == "torch"
-    with pytest.raises(ImportError, match="kernels='cpu' needs numba"):
-        resolve_kernels("cpu", "cpu")
+        assert resolve_kernels("auto", device).name == "torch"
+    with pytest.raises(ImportError, match=f"kernels='{impl}' needs {dependency}"):
+        resolve_kernels(impl, "cpu")
 
 
 # --- accuracy of F⁻¹g through the passes, on real gradients ----------------------------------------

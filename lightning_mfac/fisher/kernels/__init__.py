@@ -22,6 +22,7 @@ Implementations (``kernels=`` everywhere in the package):
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from typing import Protocol
 
@@ -58,29 +59,40 @@ __all__ = [
     "resolve_kernels",
 ]
 
-_warned_no_numba = False
+#: What each optional implementation needs, and the advice when it is missing.
+_NEEDS = {
+    "cpu": ("lightning_mfac.fisher.kernels.cpu", "CpuKernels", "numba", "install numba>=0.59"),
+    "triton": (
+        "lightning_mfac.fisher.kernels.triton_kernels",
+        "TritonKernels",
+        "triton",
+        "triton ships with PyTorch's CUDA builds on Linux; install a matching triton",
+    ),
+}
+_warned: set[str] = set()
 
 
-def _cpu_kernels(explicit: bool) -> WindowKernels:
-    global _warned_no_numba
+def _optional(name: str, explicit: bool) -> WindowKernels:
+    """The ``cpu`` or ``triton`` implementation; if its dependency is missing, a clear error when it
+    was asked for by name, the reference path with one warning per process when ``"auto"`` chose it."""
+    module, cls, dependency, advice = _NEEDS[name]
     try:
-        from lightning_mfac.fisher.kernels.cpu import CpuKernels
+        return getattr(importlib.import_module(module), cls)()
     except ImportError as exc:
         if explicit:
             raise ImportError(
-                f"kernels='cpu' needs numba, which could not be imported ({exc}); install numba>=0.59 "
-                "or choose kernels='torch' (the reference path, about 2-3x slower on the CPU)."
+                f"kernels={name!r} needs {dependency}, which could not be imported ({exc}); {advice}, "
+                "or choose kernels='torch' (the reference path)."
             ) from exc
-        if not _warned_no_numba:
-            _warned_no_numba = True
+        if name not in _warned:
+            _warned.add(name)
             warnings.warn(
-                f"kernels='auto' on the CPU: numba could not be imported ({exc}); using the slower "
-                "reference path kernels='torch'. Install numba>=0.59 for the fused CPU kernel.",
+                f"kernels='auto' chose {name!r} but {dependency} could not be imported ({exc}); using the "
+                f"slower reference path kernels='torch' ({advice}).",
                 RuntimeWarning,
                 stacklevel=3,
             )
         return TorchKernels()
-    return CpuKernels()
 
 
 def resolve_kernels(name: str, device: torch.device | str | None = None) -> WindowKernels:
@@ -94,22 +106,14 @@ def resolve_kernels(name: str, device: torch.device | str | None = None) -> Wind
         return TorchKernels()
     if name == "auto":
         if device.type == "cuda":
-            return _triton_kernels()
+            return _optional("triton", explicit=False)
         if device.type == "cpu":
-            return _cpu_kernels(explicit=False)
+            return _optional("cpu", explicit=False)
         return TorchKernels()  # any other accelerator: the portable reference path
-    if name == "cpu":
-        if device.type != "cpu":
-            raise ValueError(f"kernels='cpu' runs on CPU tensors only, got device={device}.")
-        return _cpu_kernels(explicit=True)
-    if device.type not in ("cuda", "cpu"):
+    if name == "cpu" and device.type != "cpu":
+        raise ValueError(f"kernels='cpu' runs on CPU tensors only, got device={device}.")
+    if name == "triton" and device.type not in ("cuda", "cpu"):
         raise ValueError(
             f"kernels='triton' runs on CUDA tensors (or CPU tensors, interpreted), got device={device}."
         )
-    return _triton_kernels()
-
-
-def _triton_kernels() -> WindowKernels:
-    from lightning_mfac.fisher.kernels.triton_kernels import TritonKernels
-
-    return TritonKernels()
+    return _optional(name, explicit=True)

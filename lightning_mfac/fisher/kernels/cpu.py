@@ -9,7 +9,7 @@ bfloat16 or float64) is widened to float64 in a register, multiplied and summed 
 * The window is handed over as one flat contiguous array plus its row stride ``ld`` (BLAS style), so
   that a column-slice view of a bigger window costs nothing and the inner loops are unit-stride, which
   lets LLVM vectorize them.
-* ``dots`` (``G x``) sweeps a column tile of ``x`` (kept in L1) across 4 rows at a time, each with its
+* ``dots`` (``G x``) sweeps a column tile of ``x`` (kept in L1) across 8 rows at a time, each with its
   own float64 sum; ``combine`` (``Gᵀ c``) keeps float64 accumulators for one column tile (in L1)
   and adds 8 rows per sweep into them (one load and store of an accumulator per 8 values read).
 * ``gram`` (``G Gᵀ``) does ``m`` multiply-adds per value read, so it is bound by arithmetic, not by
@@ -37,7 +37,7 @@ from lightning_mfac.fisher.kernels.reference import TorchKernels
 _FASTMATH = {"reassoc", "contract"}
 _JIT = {"cache": True, "nogil": True, "fastmath": _FASTMATH, "error_model": "numpy"}
 
-#: Columns of ``x`` per sweep in ``dots``: 2048 float64 values (16 KiB) stay in L1 next to 4 rows.
+#: Columns of ``x`` per sweep in ``dots``: 2048 values stay in L1 next to the 8 row tiles.
 DOTS_TILE = 2048
 #: Accumulators per tile in ``combine``: 4096 float64 values (32 KiB) stay in L1 next to 8 row tiles.
 COMBINE_TILE = 4096
@@ -78,32 +78,41 @@ def _widen_impl(v):
 
 @numba.njit(**_JIT)
 def _dots_vec(g, ld, m, n, x, out):
-    """``out[r] += Σ_j g[r·ld + j] · x[j]`` for ``r < m``, ``j < n``: 4 rows per sweep of an ``x`` tile."""
+    """``out[r] += Σ_j g[r·ld + j] · x[j]`` for ``r < m``, ``j < n``: 8 rows per sweep of an ``x`` tile."""
     for c0 in range(0, n, DOTS_TILE):
         w = min(DOTS_TILE, n - c0)
         xs = x[c0 : c0 + w]
         r = 0
-        while r + 4 <= m:
+        while r + 8 <= m:
             b = r * ld + c0
             g0 = g[b : b + w]
             g1 = g[b + ld : b + ld + w]
             g2 = g[b + 2 * ld : b + 2 * ld + w]
             g3 = g[b + 3 * ld : b + 3 * ld + w]
-            s0 = 0.0
-            s1 = 0.0
-            s2 = 0.0
-            s3 = 0.0
+            g4 = g[b + 4 * ld : b + 4 * ld + w]
+            g5 = g[b + 5 * ld : b + 5 * ld + w]
+            g6 = g[b + 6 * ld : b + 6 * ld + w]
+            g7 = g[b + 7 * ld : b + 7 * ld + w]
+            s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
             for j in range(w):
                 xj = np.float64(xs[j])
                 s0 += _widen(g0[j]) * xj
                 s1 += _widen(g1[j]) * xj
                 s2 += _widen(g2[j]) * xj
                 s3 += _widen(g3[j]) * xj
+                s4 += _widen(g4[j]) * xj
+                s5 += _widen(g5[j]) * xj
+                s6 += _widen(g6[j]) * xj
+                s7 += _widen(g7[j]) * xj
             out[r] += s0
             out[r + 1] += s1
             out[r + 2] += s2
             out[r + 3] += s3
-            r += 4
+            out[r + 4] += s4
+            out[r + 5] += s5
+            out[r + 6] += s6
+            out[r + 7] += s7
+            r += 8
         while r < m:
             b = r * ld + c0
             g0 = g[b : b + w]
