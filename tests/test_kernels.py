@@ -16,6 +16,7 @@ import warnings
 import pytest
 import torch
 from real_gradients import digits_sgd_gradients
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_mfac.fisher import kernels as kernels_mod
 from lightning_mfac.fisher.kernels import resolve_kernels
@@ -214,6 +215,47 @@ def test_missing_dependency_auto_falls_back_once_and_by_name_is_an_error(
         assert resolve_kernels("auto", device).name == "torch"
     with pytest.raises(ImportError, match=f"kernels='{impl}' needs {dependency}"):
         resolve_kernels(impl, "cpu")
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the bytes of the largest tensor an aten op creates (views share storage: skipped)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("cpu", marks=needs_numba)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_passes_allocate_no_window_sized_temporaries(impl: str, dtype: torch.dtype) -> None:
+    kern = resolve_kernels(impl, "cpu")
+    m, n = 32, 200_000
+    rows = torch.randn(m, n + 16).to(dtype)[:, 8 : 8 + n]
+    window_bytes = m * n * rows.element_size()
+    # A bounded float64 tile (2 MiB, fixed) or a twentieth of the window's values, whichever is larger.
+    tile_bytes = 2 << 20
+    x = torch.randn(n)
+    c = torch.randn(m, dtype=torch.float64)
+    for name, run, result_bytes in [
+        ("dots", lambda: kern.dots(rows, x), m * 8),
+        ("combine", lambda: kern.combine(rows, c), n * 4),
+        ("gram", lambda: kern.gram(rows), m * m * 8),
+    ]:
+        with LargestAllocation() as mode:
+            run()
+        assert mode.largest <= max(result_bytes, tile_bytes, window_bytes // 10), (
+            name,
+            mode.largest,
+            window_bytes,
+        )
 
 
 # --- accuracy of F⁻¹g through the passes, on real gradients ----------------------------------------

@@ -41,8 +41,12 @@ _JIT = {"cache": True, "nogil": True, "fastmath": _FASTMATH, "error_model": "num
 DOTS_TILE = 2048
 #: Accumulators per tile in ``combine``: 4096 float64 values (32 KiB) stay in L1 next to 8 row tiles.
 COMBINE_TILE = 4096
-#: Float64 elements of the widened tile in ``gram`` (2 MiB): bounded, independent of ``n``.
+#: Float64 elements of the widened tile in ``gram`` for small windows (2 MiB) ...
 GRAM_TILE_ELEMS = 1 << 18
+#: ... and at most this many tiles for large ones: the op count stays bounded whatever ``n`` (one
+#: ``addmm`` per tile), while a tile stays a small fraction of the window (8 bytes per value over 64
+#: tiles: 3 % of a float32 window, 6 % of a bfloat16 one).
+GRAM_MAX_TILES = 64
 
 
 @intrinsic
@@ -216,18 +220,22 @@ def _widen_tile(g, ld, m, c0, w, buf):
             dst[j] = _widen(g0[j])
 
 
+def _np(t: torch.Tensor) -> np.ndarray:
+    """The numpy view of a CPU tensor (one ``detach`` in torch's dispatcher, no copy)."""
+    return (t.detach() if t.requires_grad else t).numpy()
+
+
 def _flat(rows: torch.Tensor) -> tuple[np.ndarray, int] | None:
     """``rows`` (non-empty) as one flat contiguous numpy array plus its row stride, or ``None`` when
-    its columns are not unit-stride (then the caller takes the reference path)."""
+    its columns are not unit-stride (then the caller takes the reference path). The flat view is
+    made by numpy, so the hand-over costs one or two torch ops whatever the shape (the engine's
+    step counts them)."""
     m, n = rows.shape
     ld = rows.stride(0) if m > 1 else n
     if (rows.stride(1) != 1 and n > 1) or ld < n or rows.device.type != "cpu":
         return None
-    rows = rows.detach()
-    if rows.dtype == torch.bfloat16:
-        rows = rows.view(torch.int16)
-    flat = torch.as_strided(rows, ((m - 1) * ld + n,), (1,), rows.storage_offset())
-    return flat.numpy(), ld
+    arr = _np(rows.view(torch.int16) if rows.dtype == torch.bfloat16 else rows)
+    return np.lib.stride_tricks.as_strided(arr, shape=((m - 1) * ld + n,), strides=(arr.itemsize,)), ld
 
 
 def _f64_out(out: torch.Tensor | None, shape: tuple[int, ...], device) -> tuple[torch.Tensor, bool]:
@@ -257,10 +265,9 @@ class CpuKernels:
         acc, inplace = _f64_out(out, shape, rows.device)
         if vec:
             xv = x if x.dtype in (torch.float32, torch.float64) else x.to(torch.float64)
-            _dots_vec(g, ld, m, n, xv.detach().contiguous().numpy(), acc.detach().numpy())
+            _dots_vec(g, ld, m, n, _np(xv.contiguous()), _np(acc))
         else:
-            xt = x.detach().t().to(torch.float64).contiguous()
-            _dots_mat(g, ld, m, n, xt.numpy(), acc.detach().numpy())
+            _dots_mat(g, ld, m, n, _np(x.t().to(torch.float64).contiguous()), _np(acc))
         if out is None or inplace:
             return acc
         return out.add_(acc)
@@ -280,8 +287,8 @@ class CpuKernels:
             res = out
         else:
             res = torch.empty(shape, dtype=dtype if direct else torch.float32, device=rows.device)
-        c = coeffs.detach().to(torch.float64).contiguous().numpy()
-        (_combine_vec if vec else _combine_mat)(g, ld, m, n, c, res.detach().numpy())
+        c = _np(coeffs.to(torch.float64).contiguous())
+        (_combine_vec if vec else _combine_mat)(g, ld, m, n, c, _np(res))
         if res is out:
             return out
         if out is not None:
@@ -299,9 +306,9 @@ class CpuKernels:
         if flat is None:
             return self._reference.gram(rows, res)
         g, ld = flat
-        cols = max(1, min(n, GRAM_TILE_ELEMS // max(m, 1)))
+        cols = min(n, max(GRAM_TILE_ELEMS // m, -(-n // GRAM_MAX_TILES)))
         buf = torch.empty(m * cols, dtype=torch.float64)
-        view = buf.numpy()
+        view = _np(buf)
         for c0 in range(0, n, cols):
             w = min(cols, n - c0)
             tile = buf[: m * w].view(m, w)
