@@ -152,3 +152,15 @@ def test_no_second_window_in_memory(block_size: int | None) -> None:
         inv.entries(torch.tensor([0, 5, 70_000]), torch.tensor([3, 5, 70_001]))
     window = grads.numel() * grads.element_size()
     assert c.largest_bytes <= 0.1 * window, c.summary()
+
+
+@pytest.mark.parametrize("page_cols", [None, 1024])
+def test_wide_blocks_through_the_kernels_match_dense(page_cols: int | None) -> None:
+    m, d, b, damp = 6, 1500, 512, 0.05  # blocks of 512, 512 and 476 columns
+    grads = make_grads(m, d, seed=9)
+    ref = dense_inverse(grads, damp, b)
+    inv = StaticFisherInverse(grads, damp, block_size=b, window=WindowConfig(page_cols=page_cols))
+    x = torch.randn(d, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(inv.mul(x), ref @ x, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(inv.mul(x[:, 0]), ref @ x[:, 0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(inv.diag(), torch.diagonal(ref), rtol=1e-10, atol=0)
