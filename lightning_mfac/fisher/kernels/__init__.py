@@ -13,11 +13,18 @@ page contributions without a temporary; ``combine`` writes into ``out``.
 
 Implementations (``kernels=`` everywhere in the package):
 
-* ``"torch"``  — plain reference: float64 copies of bounded column tiles, then BLAS. Any device.
-* ``"cpu"``    — fused CPU kernel (widen in registers, float64 accumulators).
-* ``"triton"`` — Triton kernels, one launch per pass whatever ``n``; on CPU tensors they run under the
-  Triton interpreter (``TRITON_INTERPRET=1``).
-* ``"auto"``   — ``"triton"`` on CUDA, ``"cpu"`` on the CPU.
+* ``"torch"``  — plain reference (``reference.py``): float64 copies of bounded column tiles, then BLAS.
+  Any device.
+* ``"cpu"``    — fused CPU kernel (``cpu.py``, numba): widens each stored value in a register and
+  accumulates in float64, at the speed of a float32 GEMV for ``dots``/``combine``.
+* ``"triton"`` — Triton kernels (``triton_kernels.py``), one launch per pass whatever ``n``; on CPU
+  tensors the same kernels run under the Triton interpreter (no ``TRITON_INTERPRET`` needed).
+* ``"auto"``   — ``"triton"`` on CUDA, ``"cpu"`` on the CPU, the reference path elsewhere; when the
+  chosen implementation's dependency (triton, numba) is missing, the reference path with one
+  warning. Naming ``"cpu"`` or ``"triton"`` without it is an ImportError that says so.
+
+Every implementation checks shapes and dtypes the same way (``_checks.py``: the error names the
+parameter) and reads no tensor value on the host.
 """
 
 from __future__ import annotations
