@@ -367,3 +367,28 @@ def test_cuda_kernels_compile_for_sm90_without_a_gpu(tmp_path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert proc.stdout.count("compiled") == 5, proc.stdout
+
+
+# --- end to end: the dynamic step through each implementation ---------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dynamic_steps_on_real_gradients_through_each_implementation(
+    gradients: torch.Tensor, impl: str, dtype: torch.dtype
+) -> None:
+    """``DynamicFisherInverse.update_mul`` with ``kernels=impl``: a full window plus a refactorization
+    on real gradients, against a float64 window (kept short: the Triton passes run interpreted)."""
+    from lightning_mfac.fisher import DynamicFisherInverse
+
+    m, damp, steps = 16, 1e-5, 24
+    d = gradients.shape[1]
+    ref = DynamicFisherInverse(d, m, damp, window={"dtype": torch.float64, "kernels": "torch"})
+    inv = DynamicFisherInverse(d, m, damp, window={"dtype": dtype, "kernels": impl, "refactor_every": 8})
+    assert inv.window.kernels.name == impl
+    worst = 0.0
+    for g in gradients[-steps:]:
+        want = ref.update_mul(g)
+        worst = max(worst, relerr(inv.update_mul(g.to(torch.float32)), want))
+    print(f"\n[kernels] dynamic update_mul {impl} {dtype} m={m} damp={damp:g}: max rel err {worst:.2e}")
+    assert worst <= BOUND[dtype]
