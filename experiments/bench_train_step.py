@@ -105,7 +105,7 @@ def optimizer_specs(args: argparse.Namespace) -> dict[str, Any]:
 
     def callback(model):
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        cb = MFACPreconditioner(ngrads=m, damp=damp, log_stats=False, storage="device")
+        cb = MFACPreconditioner(ngrads=m, damp=damp, log_stats=False, window={"storage": "device"})
         # The callback's own hook, with the two trainer attributes it reads.
         trainer = SimpleNamespace(optimizers=[opt], precision_plugin=SimpleNamespace(scaler=None))
 

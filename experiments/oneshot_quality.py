@@ -120,7 +120,7 @@ def main() -> None:
 
     def prune(sparsity: float, data, **kw) -> float:
         model = copy.deepcopy(dense)
-        oneshot_prune(model, loss_fn, batches, sparsity, ngrads=args.ngrads, **kw)
+        oneshot_prune(model, loss_fn, batches, sparsity, obs=dict(ngrads=args.ngrads, **kw))
         return accuracy(model, data)
 
     methods = {"magnitude": dict(method="magnitude")}

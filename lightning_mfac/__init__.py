@@ -19,6 +19,8 @@ _LAZY = {
     "MFACPreconditioner": "lightning_mfac.callbacks",
     "OBSPruning": "lightning_mfac.callbacks",
     "oneshot_prune": "lightning_mfac.pruning",
+    "OBSConfig": "lightning_mfac.pruning",
+    "WindowConfig": "lightning_mfac.fisher.config",
 }
 
 __all__ = ["DynamicFisherInverse", "StaticFisherInverse", *_LAZY]

@@ -28,7 +28,8 @@ class Module(TinyClassifier):
 def main(mode: str, out: str) -> None:
     ddp = mode == "ddp"
     module = Module(optimizer="sgd", lr=0.05, batch_size=8 if ddp else 16)
-    callback = MFACPreconditioner(ngrads=3, damp=1e-2, storage=os.environ.get("MFAC_TEST_STORAGE", "auto"))
+    storage = os.environ.get("MFAC_TEST_STORAGE", "auto")
+    callback = MFACPreconditioner(ngrads=3, damp=1e-2, window={"storage": storage})
     trainer = make_trainer(
         "/tmp", callbacks=[callback], precision="64-true", max_steps=7,
         devices=2 if ddp else 1, strategy="ddp" if ddp else "auto", deterministic=False,

@@ -16,7 +16,8 @@ def classification_data(n: int = 96, features: int = 6, classes: int = 3, seed: 
 
 
 class TinyClassifier(pl.LightningModule):
-    """An MLP; ``optimizer`` is "sgd", "sgd_momentum", "adam" or "mfac"."""
+    """An MLP; ``optimizer`` is "sgd", "sgd_momentum", "adam", "adamw" or "mfac"; ``fused`` passes
+    ``fused=True`` to the torch optimizers; ``seed`` sets the initial weights."""
 
     def __init__(
         self,
@@ -28,10 +29,12 @@ class TinyClassifier(pl.LightningModule):
         scheduler: bool = False,
         mfac_kwargs: dict | None = None,
         nan_at_step: int | None = None,
+        fused: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         self.net = torch.nn.Sequential(torch.nn.Linear(features, 8), torch.nn.Tanh(), torch.nn.Linear(8, classes))
         self.seen_steps = 0
 
@@ -48,12 +51,15 @@ class TinyClassifier(pl.LightningModule):
 
     def configure_optimizers(self):
         name, lr = self.hparams.optimizer, self.hparams.lr
+        fused = {"fused": True} if self.hparams.fused else {}
         if name == "sgd":
-            opt = torch.optim.SGD(self.parameters(), lr=lr)
+            opt = torch.optim.SGD(self.parameters(), lr=lr, **fused)
         elif name == "sgd_momentum":
-            opt = torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9)
+            opt = torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9, **fused)
         elif name == "adam":
-            opt = torch.optim.Adam(self.parameters(), lr=lr)
+            opt = torch.optim.Adam(self.parameters(), lr=lr, **fused)
+        elif name == "adamw":
+            opt = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=1e-2, **fused)
         else:
             from lightning_mfac import MFAC
 

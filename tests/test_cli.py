@@ -27,7 +27,7 @@ TINY = [
     "+trainer.limit_test_batches=2",
     "trainer.enable_progress_bar=false",
     "preconditioner.ngrads=4",
-    "pruning.callback.ngrads=4",
+    "pruning.callback.obs.ngrads=4",
     "pruning.callback.start_epoch=0",
     "pruning.callback.end_epoch=1",
 ]

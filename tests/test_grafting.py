@@ -272,7 +272,7 @@ def test_callback_graft_adam_resume_equals_uninterrupted_run(tmp_path):
 
 @pytest.mark.parametrize("where", ["optimizer", "callback"])
 def test_graft_adam_with_pruning_masks(tmp_path, where):
-    pruning = OBSPruning(0.6, start_epoch=1, end_epoch=2, ngrads=8, verbose=False)
+    pruning = OBSPruning(0.6, start_epoch=1, end_epoch=2, obs={"ngrads": 8}, verbose=False)
     if where == "optimizer":
         module = TinyClassifier(optimizer="mfac", lr=0.01, features=8,
                                 mfac_kwargs=dict(ngrads=8, damp=1e-3, momentum=0.5, graft="adam"))

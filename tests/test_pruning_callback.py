@@ -13,7 +13,9 @@ from lit_models import make_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_mfac import MFACPreconditioner
 from lightning_mfac.callbacks.obs_pruning import OBSPruning
+from lightning_mfac.optim.masking import MaskableWindow
 from lightning_mfac.pruning import gradual_schedule, prune_count
 
 WEIGHTS = ["net.0.weight", "net.3.weight", "net.5.weight"]
@@ -113,7 +115,7 @@ TOTAL = 64 * 32 + 32 * 16 + 16 * 10
 
 @pytest.mark.parametrize("optimizer", ["sgd_momentum", "adamw"])
 def test_schedule_runs_at_epoch_starts_and_pruned_weights_stay_zero(tmp_path, optimizer):
-    pruning = OBSPruning(0.8, start_epoch=1, end_epoch=3, ngrads=16, verbose=False)
+    pruning = OBSPruning(0.8, start_epoch=1, end_epoch=3, verbose=False, obs=dict(ngrads=16))
     probe = MaskProbe(pruning)
     module = DigitsMLP(optimizer)
     trainer = _trainer(tmp_path, [pruning, probe], max_epochs=5, logger=CSVLogger(str(tmp_path)))
@@ -137,8 +139,9 @@ def test_schedule_runs_at_epoch_starts_and_pruned_weights_stay_zero(tmp_path, op
 
 
 def test_sampling_pass_leaves_no_trace(tmp_path):
-    """No logging, no BatchNorm statistics, no metric updates from the pruning gradients; the
-    loss of the run's training steps is unaffected before the first pruning epoch."""
+    """No BatchNorm statistics, no metric updates and no train-mode change from the pruning
+    gradients (what the sampling pass logs is checked below, in
+    test_training_step_logging_on_step_is_discarded_while_sampling)."""
 
     class Snapshot(Callback):
         def __init__(self):
@@ -147,25 +150,25 @@ def test_sampling_pass_leaves_no_trace(tmp_path):
         def on_train_epoch_start(self, trainer, pl_module):
             bn = {k: v.clone() for k, v in pl_module.net[1].state_dict().items()}
             acc = pl_module.train_acc
-            self.states.append((bn, acc.tp.clone(), acc._update_count, pl_module.log_calls, pl_module.training))
+            self.states.append((bn, acc.tp.clone(), acc._update_count, pl_module.training))
 
     before, after = Snapshot(), Snapshot()
-    pruning = OBSPruning(0.5, start_epoch=0, end_epoch=1, ngrads=8, verbose=False)
+    pruning = OBSPruning(0.5, start_epoch=0, end_epoch=1, verbose=False, obs=dict(ngrads=8))
     module = DigitsMLP()
     trainer = _trainer(tmp_path, [before, pruning, after], max_epochs=2)
     trainer.fit(module)
     for b, a in zip(before.states, after.states, strict=True):
         for k in b[0]:
             assert torch.equal(b[0][k], a[0][k]), k
-        assert torch.equal(b[1], a[1]) and b[2] == a[2] and b[3] == a[3] and a[4]
-    # Only the real training steps logged; training_step ran 8 extra times per pruning step.
-    assert module.log_calls == 2 * 6
+        assert torch.equal(b[1], a[1]) and b[2] == a[2] and a[3]
+    # training_step ran 8 extra times per pruning step, and logged every time.
     assert module.steps_seen == 2 * 6 + 2 * 8
+    assert module.log_calls == 2 * 6 + 2 * 8
 
 
 def test_resume_mid_schedule_continues_exactly(tmp_path):
     def run(epochs, ckpt=None, save=None):
-        pruning = OBSPruning(0.9, start_epoch=0, end_epoch=3, ngrads=8, recomputations=2, verbose=False)
+        pruning = OBSPruning(0.9, start_epoch=0, end_epoch=3, verbose=False, obs=dict(ngrads=8, recomputations=2))
         module = DigitsMLP()
         trainer = _trainer(tmp_path, [pruning], max_epochs=epochs)
         trainer.fit(module, ckpt_path=ckpt)
@@ -189,7 +192,7 @@ def test_resume_mid_schedule_continues_exactly(tmp_path):
 
 def test_nm_pattern_with_linear_schedule_made_permanent(tmp_path):
     pruning = OBSPruning(
-        None, end_epoch=1, schedule="linear", pattern="2:4", ngrads=8, make_permanent=True, verbose=False
+        None, end_epoch=1, schedule="linear", make_permanent=True, verbose=False, obs=dict(pattern="2:4", ngrads=8)
     )
     module = DigitsMLP()
     _trainer(tmp_path, [pruning], max_epochs=3).fit(module)
@@ -206,7 +209,7 @@ def test_nm_pattern_with_linear_schedule_made_permanent(tmp_path):
 def test_explicit_schedule_ngrads_schedule_magnitude_and_export(tmp_path):
     path = tmp_path / "sparse.pt"
     pruning = OBSPruning(
-        None, schedule=[0.5, 0.75], frequency=2, method="magnitude", export_path=str(path), verbose=True
+        None, schedule=[0.5, 0.75], frequency=2, export_path=str(path), verbose=True, obs=dict(method="magnitude")
     )
     module = DigitsMLP()
     _trainer(tmp_path, [pruning], max_epochs=3).fit(module)
@@ -217,28 +220,33 @@ def test_explicit_schedule_ngrads_schedule_magnitude_and_export(tmp_path):
         assert state[name].is_sparse and state[name]._nnz() == int(pruning.masks[name].sum())
     assert not state["net.0.bias"].is_sparse
 
-    sched = OBSPruning(0.6, end_epoch=2, schedule="linear", ngrads={0: 4, 0.5: 12}, verbose=False)
+    sched = OBSPruning(0.6, end_epoch=2, schedule="linear", verbose=False, obs=dict(ngrads={0: 4, 0.5: 12}))
     _trainer(tmp_path, [sched], max_epochs=3).fit(DigitsMLP())
     assert [h["target"] for h in sched.history] == pytest.approx([0.2, 0.4, 0.6])
     assert [h["ngrads"] for h in sched.history] == [4, 4, 12]
 
 
 def test_works_with_mfac_preconditioner(tmp_path):
-    preconditioner = pytest.importorskip("lightning_mfac.callbacks.preconditioner")
-
-    class Spy(preconditioner.MFACPreconditioner):
+    class Spy(MFACPreconditioner):
         calls = 0
 
         def apply_masks(self, masks):
             Spy.calls += 1
-            assert set(masks) == set(WEIGHTS)
+            # The MaskableWindow protocol: keep-masks keyed by the parameter tensors themselves.
+            params = dict(self._module.named_parameters())
+            assert {id(p) for p in masks} == {id(params[n]) for n in WEIGHTS}
             super().apply_masks(masks)
 
-    pruning = OBSPruning(0.7, start_epoch=1, end_epoch=2, ngrads=8, verbose=False)
+        def on_fit_start(self, trainer, pl_module):
+            self._module = pl_module
+            super().on_fit_start(trainer, pl_module)
+
+    pruning = OBSPruning(0.7, start_epoch=1, end_epoch=2, verbose=False, obs=dict(ngrads=8))
     probe = MaskProbe(pruning)
     # The preconditioner first: the worst order for OBSPruning's gradient zeroing.
     # A window longer than the run after the last pruning step, so it still holds old gradients.
     pre = Spy(ngrads=32, damp=1e-3, log_stats=False)
+    assert isinstance(pre, MaskableWindow)
     module = DigitsMLP(lr=0.001)
     _trainer(tmp_path, [pre, pruning, probe], max_epochs=3).fit(module)
     assert Spy.calls == 2
@@ -254,7 +262,7 @@ def test_works_with_mfac_preconditioner(tmp_path):
 
 
 def test_works_with_the_mfac_optimizer(tmp_path):
-    pruning = OBSPruning(0.7, start_epoch=1, end_epoch=2, ngrads=8, verbose=False)
+    pruning = OBSPruning(0.7, start_epoch=1, end_epoch=2, verbose=False, obs=dict(ngrads=8))
     probe = MaskProbe(pruning)
     module = DigitsMLP(optimizer="mfac", lr=0.001)
     trainer = _trainer(tmp_path, [pruning, probe], max_epochs=3)
@@ -278,7 +286,7 @@ def test_manual_optimization_needs_loss_fn(tmp_path):
     def loss_fn(module, batch):
         return nn.functional.cross_entropy(module.net(batch[0]), batch[1])
 
-    pruning = OBSPruning(0.5, ngrads=4, loss_fn=loss_fn, verbose=False)
+    pruning = OBSPruning(0.5, loss_fn=loss_fn, verbose=False, obs=dict(ngrads=4))
     module = DigitsMLP(manual=True)
     _trainer(tmp_path, [pruning], max_epochs=2).fit(module)
     assert _sparsity(module) >= prune_count(TOTAL, 0.5) / TOTAL
@@ -286,9 +294,9 @@ def test_manual_optimization_needs_loss_fn(tmp_path):
 
 def test_setup_rejects_bad_selection(tmp_path):
     with pytest.raises(ValueError, match="params entry 're:conv.*'"):
-        _trainer(tmp_path, [OBSPruning(0.5, params=["re:conv.*"])], max_epochs=1).fit(DigitsMLP())
+        _trainer(tmp_path, [OBSPruning(0.5, obs=dict(params=["re:conv.*"]))], max_epochs=1).fit(DigitsMLP())
     with pytest.raises(ValueError, match="multiple of 3"):
-        _trainer(tmp_path, [OBSPruning(None, pattern="1:3")], max_epochs=1).fit(DigitsMLP())
+        _trainer(tmp_path, [OBSPruning(None, obs=dict(pattern="1:3"))], max_epochs=1).fit(DigitsMLP())
 
 
 def test_non_scalar_training_loss_is_rejected(tmp_path):
@@ -297,4 +305,77 @@ def test_non_scalar_training_loss_is_rejected(tmp_path):
             return {"loss": nn.functional.cross_entropy(self.net(batch[0]), batch[1], reduction="none")}
 
     with pytest.raises(ValueError, match="training_step must return a scalar"):
-        _trainer(tmp_path, [OBSPruning(0.5, ngrads=2)], max_epochs=1).fit(VectorLoss())
+        _trainer(tmp_path, [OBSPruning(0.5, obs=dict(ngrads=2))], max_epochs=1).fit(VectorLoss())
+
+
+def test_reused_callback_gives_the_second_model_what_a_fresh_one_gives(tmp_path):
+    def run(module, pruning):
+        _trainer(tmp_path, [pruning], max_epochs=2).fit(module)
+        return module
+
+    reused = OBSPruning(0.6, start_epoch=0, end_epoch=1, obs=dict(ngrads=8), verbose=False)
+    run(DigitsMLP(), reused)
+    first_masks = {n: m.clone() for n, m in reused.masks.items()}
+
+    class Other(DigitsMLP):  # same names and shapes, other weights: the old masks would fit it
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(1)
+            for p in self.parameters():
+                torch.nn.init.normal_(p, std=0.3)
+
+    second = run(Other(), reused)
+    fresh_cb = OBSPruning(0.6, start_epoch=0, end_epoch=1, obs=dict(ngrads=8), verbose=False)
+    fresh = run(Other(), fresh_cb)
+    assert len(reused.history) == len(fresh_cb.history) == 2
+    for name in WEIGHTS:
+        assert torch.equal(reused.masks[name], fresh_cb.masks[name])
+    assert any(not torch.equal(first_masks[n], reused.masks[n]) for n in WEIGHTS)
+    for (name, a), b in zip(second.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_training_step_logging_on_step_is_discarded_while_sampling(tmp_path):
+    """A training_step that logs with on_step=True (not allowed from on_train_epoch_start) runs
+    in the sampling pass, and none of what it logs there reaches the logger."""
+
+    class StepLogger(DigitsMLP):
+        def training_step(self, batch, batch_idx):
+            loss = nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+            self.log("train/step_loss", loss, on_step=True, on_epoch=True)
+            return loss
+
+    pruning = OBSPruning(0.5, start_epoch=0, end_epoch=1, obs=dict(ngrads=8), verbose=False)
+    trainer = _trainer(tmp_path, [pruning], max_epochs=2, logger=CSVLogger(str(tmp_path)), log_every_n_steps=1)
+    trainer.fit(StepLogger())
+    rows = list(csv.DictReader(open(trainer.logger.log_dir + "/metrics.csv")))
+    steps = [r for r in rows if r.get("train/step_loss_step")]
+    assert len(steps) == 2 * 6  # the real training steps only
+    assert len([r for r in rows if r.get("train/step_loss_epoch")]) == 2
+
+
+@pytest.mark.parametrize("block_size", [None, 16])
+def test_kernels_choice_reaches_pruning(tmp_path, block_size):
+    masks = {}
+    for kernels in ("auto", "torch"):
+        pruning = OBSPruning(
+            0.7, start_epoch=0, end_epoch=1,
+            obs=dict(ngrads=8, block_size=block_size, window={"kernels": kernels}), verbose=False,
+        )
+        module = DigitsMLP()
+        _trainer(tmp_path, [pruning], max_epochs=2).fit(module)
+        assert pruning.obs.window.kernels == kernels
+        masks[kernels] = (pruning.masks, [p.detach().clone() for p in module.parameters()])
+    for name in WEIGHTS:
+        assert torch.equal(masks["auto"][0][name], masks["torch"][0][name])
+    for a, b in zip(masks["auto"][1], masks["torch"][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_strategy_is_refused_at_setup():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    with pytest.raises(ValueError, match="OBSPruning does not support strategy FSDPStrategy"):
+        OBSPruning(0.5).setup(SimpleNamespace(strategy=FSDPStrategy()), DigitsMLP(), "fit")

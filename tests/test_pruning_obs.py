@@ -53,21 +53,11 @@ def _gradients(model, batches, alive) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def _dense_inverse(grads: torch.Tensor, block: int | None) -> torch.Tensor:
-    m, d = grads.shape
-    fisher = DAMP * torch.eye(d, dtype=torch.float64) + grads.T @ grads / m
-    if block is not None:
-        # Block-diagonal over consecutive alive coordinates: drop everything across blocks.
-        ids = torch.arange(d) // block
-        fisher = fisher * (ids[:, None] == ids[None, :])
-    return torch.linalg.inv(fisher)
-
-
-def _reference(model, batches, sparsity, alive, block=None, nm=None):
+def _reference(dense_inverse, model, batches, sparsity, alive, block=None, nm=None):
     """Weights and keep-mask (flat over NAMES) after one dense OBS step."""
     w_all = _flat(model)
     w = w_all[alive]
-    inv = _dense_inverse(_gradients(model, batches, alive), block)
+    inv = dense_inverse(_gradients(model, batches, alive), DAMP, block)
     diag = torch.diagonal(inv)
     saliency = torch.full_like(w_all, -math.inf)
     saliency[alive] = w * w / (2 * diag)
@@ -92,17 +82,17 @@ def _reference(model, batches, sparsity, alive, block=None, nm=None):
 
 
 @pytest.mark.parametrize("block", [None, 8, 40])
-def test_oneshot_matches_dense_obs(block):
+def test_oneshot_matches_dense_obs(block, dense_inverse):
     model, batches = _model(), _batches()
-    ref_w, ref_keep = _reference(copy.deepcopy(model), batches, 0.6, torch.ones(96, dtype=torch.bool), block)
-    masks = oneshot_prune(model, _loss, batches, 0.6, ngrads=len(batches), damp=DAMP, block_size=block)
+    ref_w, ref_keep = _reference(dense_inverse, copy.deepcopy(model), batches, 0.6, torch.ones(96, dtype=torch.bool), block)
+    masks = oneshot_prune(model, _loss, batches, 0.6, obs=dict(ngrads=len(batches), damp=DAMP, block_size=block))
     keep = torch.cat([masks[n].reshape(-1) for n in NAMES])
     assert torch.equal(keep, ref_keep)
     torch.testing.assert_close(_flat(model), ref_w, rtol=1e-9, atol=1e-10)
     assert int((~keep).sum()) == prune_count(96, 0.6)
 
 
-def test_restricted_to_alive_weights_with_given_masks():
+def test_restricted_to_alive_weights_with_given_masks(dense_inverse):
     model, batches = _model(), _batches()
     gen = torch.Generator().manual_seed(3)
     alive = torch.rand(96, generator=gen) > 0.3
@@ -111,18 +101,18 @@ def test_restricted_to_alive_weights_with_given_masks():
     with torch.no_grad():
         model[0].weight.mul_(given["0.weight"])
         model[2].weight.mul_(given["2.weight"])
-    ref_w, ref_keep = _reference(copy.deepcopy(model), batches, 0.7, alive)
-    masks = oneshot_prune(model, _loss, batches, 0.7, ngrads=len(batches), damp=DAMP, masks=given)
+    ref_w, ref_keep = _reference(dense_inverse, copy.deepcopy(model), batches, 0.7, alive)
+    masks = oneshot_prune(model, _loss, batches, 0.7, masks=given, obs=dict(ngrads=len(batches), damp=DAMP))
     keep = torch.cat([masks[n].reshape(-1) for n in NAMES])
     assert torch.equal(keep, ref_keep)
     assert not bool((keep & ~alive).any()), "a pruned weight was revived"
     torch.testing.assert_close(_flat(model), ref_w, rtol=1e-9, atol=1e-10)
 
 
-def test_nm_matches_dense_obs_selection():
+def test_nm_matches_dense_obs_selection(dense_inverse):
     model, batches = _model(), _batches()
-    ref_w, ref_keep = _reference(copy.deepcopy(model), batches, 0.5, torch.ones(96, dtype=torch.bool), nm=(2, 4))
-    masks = oneshot_prune(model, _loss, batches, None, pattern="2:4", ngrads=len(batches), damp=DAMP)
+    ref_w, ref_keep = _reference(dense_inverse, copy.deepcopy(model), batches, 0.5, torch.ones(96, dtype=torch.bool), nm=(2, 4))
+    masks = oneshot_prune(model, _loss, batches, None, obs=dict(pattern="2:4", ngrads=len(batches), damp=DAMP))
     keep = torch.cat([masks[n].reshape(-1) for n in NAMES])
     assert torch.equal(keep, ref_keep)
     torch.testing.assert_close(_flat(model), ref_w, rtol=1e-9, atol=1e-10)
@@ -133,19 +123,19 @@ def test_recomputations_are_sequential_obs_steps():
     gradients each (batches continue cycling from where the previous step stopped)."""
     batches = _batches(6)
     a, b = _model(), _model()
-    oneshot_prune(a, _loss, batches, 0.75, ngrads=6, damp=DAMP, recomputations=2)
-    masks = oneshot_prune(b, _loss, batches, 0.5, ngrads=6, damp=DAMP)
-    masks = oneshot_prune(b, _loss, batches, 0.75, ngrads=6, damp=DAMP, masks=masks)
+    oneshot_prune(a, _loss, batches, 0.75, obs=dict(ngrads=6, damp=DAMP, recomputations=2))
+    masks = oneshot_prune(b, _loss, batches, 0.5, obs=dict(ngrads=6, damp=DAMP))
+    masks = oneshot_prune(b, _loss, batches, 0.75, masks=masks, obs=dict(ngrads=6, damp=DAMP))
     torch.testing.assert_close(_flat(a), _flat(b), rtol=1e-12, atol=1e-12)
 
 
-def test_obs_helpers_match_dense_formulas():
+def test_obs_helpers_match_dense_formulas(dense_inverse):
     gen = torch.Generator().manual_seed(0)
     grads = torch.randn(7, 20, generator=gen, dtype=torch.float64)
     w = torch.randn(20, generator=gen, dtype=torch.float64)
     pruned = torch.rand(20, generator=gen) < 0.4
     fisher = StaticFisherInverse(grads, DAMP)
-    inv = _dense_inverse(grads, None)
+    inv = dense_inverse(grads, DAMP)
     diag = torch.diagonal(inv)
     torch.testing.assert_close(obs_saliency(w, fisher.diag()), w * w / (2 * diag))
     expected = -inv[:, pruned] @ (w[pruned] / diag[pruned])
@@ -156,11 +146,11 @@ def test_obs_helpers_match_dense_formulas():
     assert abs(float(w[3] + obs_correction(fisher, w, single)[3])) < 1e-9
 
 
-def test_mfac_beats_magnitude_on_the_quadratic_model_of_the_loss():
+def test_mfac_beats_magnitude_on_the_quadratic_model_of_the_loss(dense_inverse):
     """OBS minimizes ½δwᵀFδw; on the model it was built for it must not lose to magnitude."""
     batches = _batches()
     base = _model()
-    inv = _dense_inverse(_gradients(base, batches, torch.ones(96, dtype=torch.bool)), None)
+    inv = dense_inverse(_gradients(base, batches, torch.ones(96, dtype=torch.bool)), DAMP)
     fisher = torch.linalg.inv(inv)
     w0 = _flat(base)
 
@@ -169,8 +159,8 @@ def test_mfac_beats_magnitude_on_the_quadratic_model_of_the_loss():
         return float(dw @ fisher @ dw) / 2
 
     obs, mag = _model(), _model()
-    oneshot_prune(obs, _loss, batches, 0.6, ngrads=len(batches), damp=DAMP)
-    oneshot_prune(mag, _loss, batches, 0.6, method="magnitude")
+    oneshot_prune(obs, _loss, batches, 0.6, obs=dict(ngrads=len(batches), damp=DAMP))
+    oneshot_prune(mag, _loss, batches, 0.6, obs=dict(method="magnitude"))
     assert quad_cost(obs) < quad_cost(mag)
 
 
@@ -196,9 +186,46 @@ def test_cuda_with_host_gradients_is_paged_and_matches_cpu(monkeypatch):
 
     cpu, gpu = _model(), _model().cuda()
     batches = _batches()
-    expected = oneshot_prune(cpu, loss, batches, 0.6, ngrads=len(batches), damp=DAMP)
-    masks = oneshot_prune(gpu, loss, batches, 0.6, ngrads=len(batches), damp=DAMP)
+    expected = oneshot_prune(cpu, loss, batches, 0.6, obs=dict(ngrads=len(batches), damp=DAMP))
+    masks = oneshot_prune(gpu, loss, batches, 0.6, obs=dict(ngrads=len(batches), damp=DAMP))
     assert built[-1].paged and built[-1].device.type == "cuda"
     for name in NAMES:
         assert torch.equal(masks[name].cpu(), expected[name])
     torch.testing.assert_close(_flat(gpu).cpu(), _flat(cpu), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("block", [None, 8])
+def test_kernels_choice_gives_the_same_masks_and_weights(block):
+    batches = _batches()
+    out = {}
+    for kernels in ("auto", "torch"):
+        model = _model()
+        masks = oneshot_prune(model, _loss, batches, 0.6, obs=dict(ngrads=len(batches), damp=DAMP, block_size=block,
+                                                                  window={"kernels": kernels}))
+        out[kernels] = (masks, _flat(model))
+    for name in NAMES:
+        assert torch.equal(out["auto"][0][name], out["torch"][0][name])
+    torch.testing.assert_close(out["auto"][1], out["torch"][1], rtol=0, atol=1e-12)
+
+
+def test_obs_config_is_one_frozen_validated_object():
+    import dataclasses
+
+    from lightning_mfac.fisher.config import WindowConfig
+    from lightning_mfac.pruning import OBSConfig
+
+    obs = OBSConfig.coerce({"ngrads": {0: 4, 0.5: 8}, "params": ["0.weight"], "window": {"page_cols": 16}})
+    assert obs.ngrads == {0.0: 4, 0.5: 8} and obs.params == ("0.weight",)
+    assert obs.window == WindowConfig(page_cols=16) and obs.nm is None
+    assert OBSConfig(pattern="2:4").nm == (2, 4)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        obs.damp = 1.0
+    for bad, needle in [
+        ({"blocks": 3}, "unknown setting"),
+        ({"window": {"storage": "sharded"}}, "window.storage='sharded'"),
+        ({"window": {"kernels": "cuda"}}, "kernels='cuda'"),
+        ({"damp": 0}, "damp=0"),
+        ({"scope": "row"}, "scope='row'"),
+    ]:
+        with pytest.raises(ValueError, match=needle):
+            OBSConfig.coerce(bad)

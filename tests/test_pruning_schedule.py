@@ -81,13 +81,13 @@ def test_ngrads_schedule_uses_largest_key_not_above_target():
 
 def test_callback_validates_everything_at_construction():
     with pytest.raises(ValueError, match="pattern"):
-        OBSPruning(0.5, pattern="4:2")
+        OBSPruning(0.5, obs=dict(pattern="4:2"))
     with pytest.raises(ValueError, match="sparsity=0.6"):
-        OBSPruning(0.6, pattern="2:4")
+        OBSPruning(0.6, obs=dict(pattern="2:4"))
     with pytest.raises(ValueError, match="method"):
-        OBSPruning(0.5, method="taylor")
+        OBSPruning(0.5, obs=dict(method="taylor"))
     with pytest.raises(ValueError, match="key 0"):
-        OBSPruning(0.5, ngrads={0.3: 8})
+        OBSPruning(0.5, obs=dict(ngrads={0.3: 8}))
     with pytest.raises(ValueError, match="params"):
-        OBSPruning(0.5, params=[])
-    assert OBSPruning(None, pattern="2:4", end_epoch=2).steps[-1] == (2, 0.5)
+        OBSPruning(0.5, obs=dict(params=[]))
+    assert OBSPruning(None, end_epoch=2, obs=dict(pattern="2:4")).steps[-1] == (2, 0.5)

@@ -69,7 +69,7 @@ def validate_config(cfg: DictConfig) -> None:
         _number(cfg, f"{node}.damp", minimum=0, strict=True)
     for key in ("pruning.sparsity", "pruning.callback.sparsity"):
         _number(cfg, key, minimum=0, below=1)
-    for key in ("pruning.ngrads", "pruning.recomputations"):
+    for key in ("pruning.obs.ngrads", "pruning.obs.recomputations", "pruning.callback.obs.recomputations"):
         _number(cfg, key, minimum=1, integer=True)
     _number(cfg, "data.batch_size", minimum=1, integer=True)
     _number(cfg, "trainer.max_epochs", minimum=-1, integer=True)

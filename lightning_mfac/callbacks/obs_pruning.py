@@ -13,28 +13,28 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
 from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch.utils.data import DataLoader
 
-from lightning_mfac import _validation as check
+from lightning_mfac.callbacks._guards import check_strategy
+from lightning_mfac.optim.masking import broadcast_masks
+from lightning_mfac.pruning.config import OBSConfig
 from lightning_mfac.pruning.masks import layer_sparsities, sparsity_of
 from lightning_mfac.pruning.oneshot import (
-    METHODS,
-    SCOPES,
-    apply_masks,
     check_masks,
     check_target,
     collect_gradients,
     cycle_batches,
+    mask_weights,
     preserved_norm_stats,
     prune_step,
     sparse_state_dict,
 )
-from lightning_mfac.pruning.schedule import check_ngrads, gradual_schedule, ngrads_for, recomputation_targets
-from lightning_mfac.pruning.selection import check_nm, parse_pattern, select_parameters
-from lightning_mfac.selection import name_patterns
+from lightning_mfac.pruning.schedule import gradual_schedule, ngrads_for, recomputation_targets
+from lightning_mfac.pruning.selection import check_nm, select_parameters
 
 __all__ = ["OBSPruning"]
 
@@ -48,7 +48,8 @@ class OBSPruning(Callback):
     alive, builds ``F⁻¹`` of ``F = λI + (1/m)Σᵢ gᵢgᵢᵀ`` and prunes the weights of lowest saliency
     ``ρᵢ = wᵢ² / (2[F⁻¹]ᵢᵢ)`` up to the step's target sparsity, correcting the survivors by the OBS
     update ``δw = −F⁻¹v`` (``v_q = w_q/[F⁻¹]_qq`` on the pruned set); see
-    :func:`lightning_mfac.oneshot_prune` for the step itself. Pruning before an epoch means the
+    :func:`lightning_mfac.oneshot_prune` for the step itself, configured by the same
+    :class:`~lightning_mfac.pruning.config.OBSConfig`. Pruning before an epoch means the
     epoch fine-tunes the freshly pruned network, and the last step leaves at least that epoch
     to recover.
 
@@ -60,9 +61,9 @@ class OBSPruning(Callback):
     Gradients come from the module's own ``training_step`` on batches of
     ``trainer.train_dataloader`` (moved by ``trainer.strategy.batch_to_device``, so the module's
     batch-transfer hooks apply), back-propagated with ``torch.autograd.grad`` so the ``.grad``
-    fields are untouched. The sampling pass leaves no trace in the run: ``log``/``log_dict`` are
-    no-ops meanwhile (the values would otherwise land in the epoch's aggregated metrics);
-    the module is in train mode, as for the training gradients that the Fisher approximates, but
+    fields are untouched. The sampling pass leaves no trace in the run: what ``training_step``
+    logs meanwhile is validated as in training and then discarded (it goes to a scratch result
+    collection, not into the epoch's aggregated metrics); the module is in train mode, as for the training gradients that the Fisher approximates, but
     BatchNorm running statistics and torchmetrics states are restored afterwards; and the RNG
     streams are forked, so data order and dropout of the training run are the same as without
     pruning. Pass ``loss_fn(pl_module, batch)`` to use another loss (required for manual
@@ -75,11 +76,16 @@ class OBSPruning(Callback):
     the weights are re-masked right after every ``optimizer.step()`` through an optimizer step
     post-hook. At each pruning step the optimizer state of pruned weights (SGD ``momentum_buffer``,
     Adam ``exp_avg``/``exp_avg_sq``, any state tensor shaped like the weight) is zeroed and
-    ``apply_masks(masks)`` is called on every other callback that has it (the M-FAC window drops
-    the pruned coordinates). Pruned weights therefore never revive.
+    every callback and optimizer that implements the
+    :class:`~lightning_mfac.optim.masking.MaskableWindow` protocol receives the masks (keyed by
+    parameter) through ``apply_masks``, so M-FAC windows drop the pruned coordinates. Pruned
+    weights therefore never revive.
 
     Masks, the position in the schedule and the history are part of the checkpoint; a resumed
     run continues the schedule exactly (given deterministic data order, as for any resumed run).
+    Without a checkpoint every ``fit`` starts afresh: a callback object reused for another model
+    neither applies nor reports the masks of the previous one. Strategies that shard parameters
+    (FSDP, DeepSpeed, ``ModelParallelStrategy``) are refused at ``setup``.
     Under DDP every rank runs the step on its own batches and rank 0's weights and masks are then
     broadcast, so replicas stay identical.
 
@@ -91,15 +97,12 @@ class OBSPruning(Callback):
             schedule's own end, else ``start_epoch`` -- a single step).
         frequency: epochs between pruning steps.
         schedule: ``"cubic"``, ``"linear"`` or a list of sparsities, one per step.
-        method: ``"mfac"`` or ``"magnitude"`` (the baseline: ``|w|``, no correction, no gradients).
-        ngrads: gradients per step ``m``, or ``{sparsity: m}`` with key 0 (the entry with the
-            largest key ``<=`` the step's target applies).
-        damp: Fisher dampening ``λ``.
-        block_size: ``None`` for the full Fisher, else block-diagonal over ``B`` alive weights.
-        recomputations: sub-steps per pruning step, each with fresh gradients.
-        scope: ``"global"`` or ``"layer"``.
-        pattern: ``"unstructured"`` or ``"N:M"``.
-        params: ``None`` (weights of Linear and Conv layers) or names / ``"re:<regex>"``.
+        obs: the pruning step's settings, an :class:`~lightning_mfac.pruning.config.OBSConfig` or a
+            mapping of its fields: method (``"mfac"`` or the ``"magnitude"`` baseline), ngrads
+            (an int, or ``{sparsity: m}`` with key 0), damp, block_size, recomputations (sub-steps
+            per pruning step, each with fresh gradients), scope, pattern, params (``None``: the
+            weights of Linear and Conv layers) and window (page size, kernels, … of the static
+            inverse).
         make_permanent: at the end of ``fit`` apply the masks a last time, stop enforcing them
             (the hooks are removed) and export the sparse weights to ``export_path`` (default
             ``<default_root_dir>/obs_pruning_sparse.pt``). Masks are applied to the weights
@@ -108,7 +111,7 @@ class OBSPruning(Callback):
             tensor (:func:`lightning_mfac.pruning.sparse_state_dict`) there at the end of ``fit``
             (rank zero), with or without ``make_permanent``.
         loss_fn: optional ``loss_fn(pl_module, batch) -> scalar`` replacing ``training_step``.
-        verbose: print a per-layer sparsity table after each pruning step (rank zero).
+        verbose: log a per-layer sparsity table after each pruning step (rank zero, ``logging`` INFO).
     """
 
     def __init__(
@@ -118,55 +121,48 @@ class OBSPruning(Callback):
         end_epoch: int | None = None,
         frequency: int = 1,
         schedule: str | Sequence[float] = "cubic",
-        method: str = "mfac",
-        ngrads: int | Mapping[float, int] = 64,
-        damp: float = 1e-5,
-        block_size: int | None = None,
-        recomputations: int = 1,
-        scope: str = "global",
-        pattern: str = "unstructured",
-        params: Sequence[str] | None = None,
+        obs: OBSConfig | Mapping[str, Any] | None = None,
         make_permanent: bool = False,
         export_path: str | None = None,
         loss_fn: Callable[[pl.LightningModule, Any], torch.Tensor] | None = None,
         verbose: bool = True,
     ) -> None:
-        self.nm = parse_pattern(pattern)
-        self.pattern = pattern
-        if sparsity is None and self.nm is not None and isinstance(schedule, str):
-            sparsity = 1.0 - self.nm[0] / self.nm[1]
+        self.obs = OBSConfig.coerce(obs)
+        nm = self.obs.nm
+        if sparsity is None and nm is not None and isinstance(schedule, str):
+            sparsity = 1.0 - nm[0] / nm[1]
         self.steps = gradual_schedule(sparsity, schedule, start_epoch, end_epoch, frequency)
-        self.sparsity = check_target(self.steps[-1][1], self.nm)
+        self.sparsity = check_target(self.steps[-1][1], nm)
         self.schedule = schedule if isinstance(schedule, str) else [float(s) for s in schedule]
-        self.method = check.one_of("method", method, METHODS)
-        self.ngrads = check_ngrads(ngrads)
-        self.damp = check.positive_float("damp", damp)
-        self.block_size = None if block_size is None else check.positive_int("block_size", block_size)
-        self.recomputations = check.positive_int("recomputations", recomputations)
-        self.scope = check.one_of("scope", scope, SCOPES)
-        self.params = name_patterns(params)
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"loss_fn={loss_fn!r} is invalid: expected None or a callable loss_fn(pl_module, batch).")
         self.loss_fn = loss_fn
         self.make_permanent = bool(make_permanent)
         self.export_path = export_path
         self.verbose = bool(verbose)
+        self._handles: list[Any] = []
+        self._start_fit()
 
+    def _start_fit(self) -> None:
+        """Forget the masks, schedule position and history of a previous fit."""
         self.masks: dict[str, torch.Tensor] | None = None
         self.steps_done = 0
         self.history: list[dict[str, Any]] = []
         self._named: dict[str, torch.nn.Parameter] = {}
-        self._handles: list[Any] = []
         self.exported_to: str | None = None
+        self._remove_hooks()
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_strategy(trainer.strategy, "OBSPruning")
+        # A checkpoint, if any, is restored after setup: a reused callback starts afresh here.
+        self._start_fit()
         # Fail at setup, not at the first pruning epoch, on a wrong selection or pattern.
-        named = select_parameters(pl_module, self.params)
-        check_nm(named, self.nm)
-        if self.method == "mfac" and self.loss_fn is None and not pl_module.automatic_optimization:
+        named = select_parameters(pl_module, self.obs.params)
+        check_nm(named, self.obs.nm)
+        if self.obs.method == "mfac" and self.loss_fn is None and not pl_module.automatic_optimization:
             raise ValueError(
                 "loss_fn=None is invalid with manual optimization: its training_step steps the optimizer. "
                 "Pass loss_fn(pl_module, batch) -> scalar loss for the pruning gradients."
@@ -174,9 +170,9 @@ class OBSPruning(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Weights, callback state and optimizer state are all restored by now (resumed runs).
-        self._named = select_parameters(pl_module, self.params)
+        self._named = select_parameters(pl_module, self.obs.params)
         self.masks = check_masks(self.masks, self._named)
-        apply_masks(self._named, self.masks)
+        mask_weights(self._named, self.masks)
         self._mask_optimizer_state(trainer)
         self._remove_hooks()
         for optimizer in trainer.optimizers:
@@ -202,7 +198,7 @@ class OBSPruning(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.masks is None or not self._named:
             return
-        apply_masks(self._named, self.masks)
+        mask_weights(self._named, self.masks)
         path = self.export_path
         if path is None and self.make_permanent:
             path = os.path.join(trainer.default_root_dir, "obs_pruning_sparse.pt")
@@ -239,42 +235,27 @@ class OBSPruning(Callback):
         used = 0
         masks = self.masks
         show_bar = trainer.is_global_zero and _progress_bar_enabled(trainer)
+        obs, subs = self.obs, recomputation_targets(sparsity_of(masks), target, self.obs.recomputations)
+        source = "training_step" if self.loss_fn is None else "loss_fn"
         with self._sampling_context(trainer, pl_module):
             stream = self._losses(trainer, pl_module)
-            for sub, sub_target in enumerate(recomputation_targets(sparsity_of(masks), target, self.recomputations)):
-                n = ngrads_for(self.ngrads, sub_target)
+            for sub, sub_target in enumerate(subs):
+                desc = f"OBSPruning step {index + 1}/{len(self.steps)}: gradients"
+                if len(subs) > 1:
+                    desc += f" ({sub + 1}/{len(subs)})"
 
-                def gradients(rows: int, _masks=masks, _sub=sub) -> torch.Tensor:
-                    desc = f"OBSPruning step {index + 1}/{len(self.steps)}: gradients"
-                    if self.recomputations > 1:
-                        desc += f" ({_sub + 1}/{self.recomputations})"
-                    source = "training_step" if self.loss_fn is None else "loss_fn"
-                    return collect_gradients(self._named, _masks, stream, rows, None, show_bar, desc, source)
+                def gradients(rows: int, _masks=masks, _desc=desc) -> torch.Tensor:
+                    return collect_gradients(
+                        self._named, _masks, stream, rows, None, show_bar, _desc, source, window=obs.window
+                    )
 
-                masks = prune_step(
-                    self._named,
-                    masks,
-                    sub_target,
-                    method=self.method,
-                    gradients=gradients,
-                    ngrads=n,
-                    damp=self.damp,
-                    block_size=self.block_size,
-                    scope=self.scope,
-                    nm=self.nm,
-                )
-                used += n if self.method == "mfac" else 0
+                masks = prune_step(self._named, masks, sub_target, obs, gradients=gradients)
+                used += ngrads_for(obs.ngrads, sub_target) if obs.method == "mfac" else 0
         self.masks = self._synchronize(trainer, masks)
         self._mask_optimizer_state(trainer)
-        for cb in trainer.callbacks:
-            hook = getattr(cb, "apply_masks", None)
-            if cb is not self and callable(hook):
-                hook(self.masks)
         by_param = {p: self.masks[n] for n, p in self._named.items()}
-        for optimizer in trainer.optimizers:
-            hook = getattr(optimizer, "apply_masks", None)  # e.g. the MFAC optimizer's window
-            if callable(hook):
-                hook(by_param)
+        broadcast_masks([cb for cb in trainer.callbacks if cb is not self], by_param)
+        broadcast_masks(trainer.optimizers, by_param)  # e.g. the MFAC optimizer's window
         seconds = time.perf_counter() - start
         record = {"epoch": epoch, "target": target, "sparsity": sparsity_of(self.masks), "seconds": seconds, "ngrads": used}
         self.history.append(record)
@@ -308,14 +289,13 @@ class OBSPruning(Callback):
         modes = {m: m.training for m in pl_module.modules()}
         metrics = _snapshot_metrics(pl_module)
         devices = [trainer.strategy.root_device] if trainer.strategy.root_device.type == "cuda" else []
-        pl_module.log = _no_log
-        pl_module.log_dict = _no_log
         try:
-            with torch.random.fork_rng(devices=devices), preserved_norm_stats(pl_module):
+            with torch.random.fork_rng(devices=devices), preserved_norm_stats(pl_module), _scratch_logs(
+                trainer, pl_module
+            ):
                 pl_module.train()
                 yield
         finally:
-            del pl_module.log, pl_module.log_dict
             for m, training in modes.items():
                 m.training = training
             _restore_metrics(metrics)
@@ -343,7 +323,7 @@ class OBSPruning(Callback):
     @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.masks is not None:
-            apply_masks(self._named, self.masks)
+            mask_weights(self._named, self.masks)
 
     @torch.no_grad()
     def _mask_optimizer_state(self, trainer: pl.Trainer) -> None:
@@ -385,7 +365,7 @@ class OBSPruning(Callback):
         assert self.masks is not None
         width = max(len("layer"), *(len(n) for n in layers))
         head = (
-            f"OBSPruning step {index + 1}/{len(self.steps)} (epoch {record['epoch']}, {self.method}): "
+            f"OBSPruning step {index + 1}/{len(self.steps)} (epoch {record['epoch']}, {self.obs.method}): "
             f"target {record['target']:.4f}, reached {record['sparsity']:.4f} in {record['seconds']:.2f}s"
         )
         lines = [head, f"| {'layer':<{width}} | {'shape':<18} | {'weights':>9} | {'zeros':>9} | sparsity |"]
@@ -398,8 +378,24 @@ class OBSPruning(Callback):
         return "\n".join(lines)
 
 
-def _no_log(*args: Any, **kwargs: Any) -> None:
-    return None
+@contextlib.contextmanager
+def _scratch_logs(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
+    """Let ``training_step`` log as in training, into a result collection that is then dropped.
+
+    The sampling pass runs inside ``on_train_epoch_start``, where Lightning would attribute the
+    module's ``self.log`` calls to that hook (refusing ``on_step=True``) and fold the values into
+    the epoch's metrics. Lightning has no public switch for this, so the training epoch loop's
+    result collection and the module's current hook name are swapped for the pass.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    results, hook = loop._results, pl_module._current_fx_name
+    loop._results = _ResultCollection(training=True)
+    pl_module._current_fx_name = "training_step"
+    try:
+        yield
+    finally:
+        loop._results = results
+        pl_module._current_fx_name = hook
 
 
 def _progress_bar_enabled(trainer: pl.Trainer) -> bool:

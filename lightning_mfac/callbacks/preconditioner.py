@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,11 +10,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_mfac import _validation as check
+from lightning_mfac.callbacks._guards import check_full_gradients, check_strategy
 from lightning_mfac.fisher.config import WindowConfig
 from lightning_mfac.fisher.dynamic import DAMP_MODES
-from lightning_mfac.fisher.storage import STORAGES
-from lightning_mfac.optim.flat import FlatPreconditioner
+from lightning_mfac.optim.flat import FlatPreconditioner, check_masks
 from lightning_mfac.optim.grafting import GRAFTS, make_grafting
+from lightning_mfac.optim.masking import Masks
 from lightning_mfac.selection import match_names, name_patterns
 
 
@@ -23,34 +23,56 @@ class MFACPreconditioner(Callback):
     r"""Replace the gradients of the selected parameters by ``F⁻¹(g + weight_decay·w)`` before each
     optimizer step, where ``F = λI + (1/m)·GᵀG`` is the empirical Fisher of the last ``m`` gradients
     (dynamic M-FAC, Frantar, Kurtic & Alistarh, NeurIPS 2021). The configured optimizer then steps
-    on the preconditioned gradient; with ``SGD(lr, momentum=0)`` this is exactly
-    ``MFAC(lr, momentum=0, weight_decay)``.
+    on the preconditioned gradient.
+
+    Equivalence with the :class:`~lightning_mfac.MFAC` optimizer: ``SGD(lr)`` (no momentum, weight
+    decay, dampening or Nesterov) plus this callback makes the same steps as
+    ``MFAC(lr, momentum=0, weight_decay)`` with the same ``ngrads``, ``damp`` and ``window``, as long
+    as the gradient is not clipped. Lightning clips after ``on_before_optimizer_step``, so with
+    clipping the two differ: here the window stores the raw gradient and the clip bounds
+    ``F⁻¹g``; with ``MFAC`` the clip bounds the raw gradient, which then enters the window. SGD
+    momentum is not MFAC's momentum either (MFAC averages ``v = μv + (1−μ)u`` from ``v = 0``).
 
     How it fits the training loop (Lightning calls ``on_before_optimizer_step`` once per optimizer
     step, after the closure and before clipping):
 
     * gradient accumulation: one window entry per optimizer step, from the accumulated gradient;
     * gradient clipping: the trainer clips the preconditioned gradient;
-    * ``16-mixed``: gradients arrive unscaled; a non-finite gradient never enters the window, the
-      gradients are left as they are for the scaler to skip the step, and the event is counted
-      (``mfac/nonfinite_steps``). Without a scaler the affected step is skipped by clearing the
-      selected gradients (``p.grad = None``), so the optimizer leaves those parameters alone;
-    * DDP: gradients are already all-reduced; ``storage="auto"`` shards the window over the ranks;
+    * a parameter without a gradient in a step contributes zeros to the window and keeps
+      ``grad=None``, so the optimizer leaves it alone (as ``torch.optim`` and ``MFAC`` do);
+    * ``16-mixed``: the window stores unscaled gradients. Lightning unscales them for ordinary
+      optimizers; for those that unscale inside their step (``fused=True`` SGD/Adam/AdamW) the
+      callback calls the grad scaler's ``unscale_`` itself, so the optimizer sees the scaler's
+      usual contract. A non-finite gradient never enters the window and the scaler, which has
+      found it, skips the step;
+    * without a scaler, a non-finite gradient stays out of the window and the step is skipped on
+      the device: through the optimizer's ``found_inf`` for optimizers that take it (``fused=True``),
+      else by handing the optimizer a zero gradient (an exact skip for plain SGD). The count is
+      logged as ``mfac/nonfinite_steps`` and a warning is given at the end of the epoch;
+    * nothing in the step reads a device value on the host: statistics are logged as tensors;
+    * strategies: a single device or DDP (gradients are all-reduced before this hook;
+      ``window.storage="auto"`` shards the window over the ranks). Strategies whose ranks hold
+      only a shard of the gradients (FSDP, DeepSpeed, ``ModelParallelStrategy``) are refused at
+      ``setup``;
+    * each ``fit`` starts afresh: the windows belong to the parameters (by identity) of the run,
+      unless the run resumes from a checkpoint, which restores them;
     * checkpoints: window, factorization and counters go through ``state_dict``;
       ``save_window=False`` leaves the window out (a resumed run re-warms it, with a warning).
+      A checkpoint written with another ``ngrads``, window dtype or parameter selection starts an
+      empty window; another ``damp`` keeps the window and refactorizes it with the new ``damp``;
+      either way one warning names the old and new values.
 
     Args:
         ngrads: window size ``m``.
         damp: dampening ``λ`` (``damp_mode="absolute"``) or the factor ``δ`` of
             ``λ = δ·mean(diag GGᵀ)/m`` (``damp_mode="relative"``: follows the gradients' scale).
         weight_decay: added to the gradient before preconditioning (leave the optimizer's at 0).
-        window_dtype: ``None`` (float32; float64 for float64 parameters), ``"float32"``/``"bfloat16"``.
-        storage: ``"auto"``, ``"device"``, ``"paged"`` or ``"sharded"``.
+        window: a :class:`~lightning_mfac.fisher.config.WindowConfig` or a mapping of its fields
+            (dtype, storage, page_cols, page_budget_bytes, refactor_every, kernels, process_group).
         params: ``None`` for all trainable parameters of the optimizer, else names / ``"re:<regex>"``.
         optimizers: ``None`` for every optimizer of the run, else the index or indices to precondition.
         save_window: include the window in checkpoints.
-        log_stats: log window fill, time per preconditioning step and ``‖F⁻¹g‖/‖g‖``.
-        page_cols, refactor_every: passed to :class:`lightning_mfac.DynamicFisherInverse`.
+        log_stats: log the window fill and ``‖F⁻¹g‖/‖g‖`` (as device tensors, no host read).
         graft: ``None``, ``"sgd"`` or ``"adam"``: rescale ``F⁻¹g`` per parameter tensor to the norm
             of that method's direction on the same gradient, so the optimizer keeps the lr tuned
             without the callback (see :mod:`lightning_mfac.optim.grafting`). With several
@@ -63,118 +85,159 @@ class MFACPreconditioner(Callback):
         ngrads: int = 1024,
         damp: float = 1e-5,
         weight_decay: float = 0.0,
-        window_dtype: Any = None,
-        storage: str = "auto",
+        window: WindowConfig | dict[str, Any] | None = None,
         params: list[str] | str | None = None,
         optimizers: int | list[int] | None = None,
         save_window: bool = True,
         log_stats: bool = True,
-        page_cols: int | None = None,
-        refactor_every: int | None = None,
         graft: Any = None,
         damp_mode: str = "absolute",
     ) -> None:
         self.ngrads = check.positive_int("ngrads", ngrads)
         self.damp = check.positive_float("damp", damp)
         self.weight_decay = check.nonnegative_float("weight_decay", weight_decay)
-        check.window_dtype("window_dtype", window_dtype)
-        self.window_dtype = window_dtype
-        self.storage = check.one_of("storage", storage, STORAGES)
+        self.window = WindowConfig.coerce(window)
         self.params = name_patterns(params)
         if isinstance(optimizers, int):
             optimizers = [optimizers]
         if optimizers is not None:
+            if not isinstance(optimizers, (list, tuple)) or not optimizers:
+                raise ValueError(f"optimizers={optimizers!r} is invalid: expected None, an index or a list of indices.")
             for i in optimizers:
                 check.positive_int("optimizers", i, minimum=0)
         self.optimizers = None if optimizers is None else sorted(set(optimizers))
         self.save_window = bool(save_window)
         self.log_stats = bool(log_stats)
-        if page_cols is not None:
-            check.positive_int("page_cols", page_cols)
-        self.page_cols = page_cols
-        self.refactor_every = refactor_every
-        self._pre: dict[int, FlatPreconditioner] = {}
-        self._names: dict[int, list[str]] = {}
-        self._signatures: dict[int, tuple[int, ...]] = {}
-        self._pending: dict[int, dict[str, Any]] = {}
-        self.nonfinite_steps = 0
         self.graft = check.one_of("graft", graft, (None, *GRAFTS))
         self.damp_mode = check.one_of("damp_mode", damp_mode, DAMP_MODES)
-        self._grafts: dict[int, Any] = {}
+        self._start_fit()
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(ngrads=self.ngrads, params=self.params, optimizers=self.optimizers)
+        # Not ngrads or damp: a run resumed with other values must still find its state (and say
+        # what changed) instead of having Lightning drop it.
+        return self._generate_state_key(params=self.params, optimizers=self.optimizers)
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Optimizer steps of this fit whose gradient was not finite (reads a device counter)."""
+        return int(self._nonfinite)
 
     # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        check_strategy(trainer.strategy, "MFACPreconditioner")
+        self._start_fit()
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Fail before the first step if the selection is wrong.
-        for idx, optimizer in enumerate(trainer.optimizers):
-            if self._wants(idx):
-                self._select(pl_module, optimizer)
         if self.optimizers is not None and max(self.optimizers) >= len(trainer.optimizers):
             raise ValueError(
                 f"optimizers={self.optimizers} is invalid: the run configures {len(trainer.optimizers)} optimizer(s)."
             )
+        for idx, optimizer in enumerate(trainer.optimizers):
+            if self._wants(idx):
+                self._build(idx, pl_module, optimizer)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        idx = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
-        if not self._wants(idx):
+        idx = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), None)
+        pre = self._pre.get(idx)
+        if pre is None:
             return
-        pre = self._preconditioner(idx, pl_module, optimizer)
-        g = pre.gradient([self.weight_decay] * len(pre.params))
-        start = time.perf_counter()
+        self._check_unchanged(idx, pl_module, optimizer)
+        has_grad = pre.with_grad()
+        if not any(has_grad):
+            return  # no backward this step (training_step returned None): nothing to add
+        scaler = _grad_scaler(trainer)
+        handles_scaling = getattr(optimizer, "_step_supports_amp_scaling", False)
+        if scaler is not None and handles_scaling:
+            _unscale(scaler, optimizer)
+        g = pre.gradient(self.weight_decay, has_grad)
+        # A non-finite g left the window untouched and gave a zero direction: a skipped step for
+        # plain SGD. With a scaler, the found_inf of unscale_ makes it skip; a fused optimizer
+        # without one takes the flag itself. No host read either way.
         u, finite = pre.precondition(g)
-        if not bool(finite):
-            self._skip(trainer, pl_module, pre)
-            return
-        if idx in self._grafts:
-            self._grafts[idx].graft_(pre.views(u), pre.views(g))
-        for p, v in zip(pre.params, pre.views(u), strict=True):
-            if p.grad is None:
-                p.grad = v.to(p.dtype).clone()
-            else:
-                p.grad.copy_(v)
+        if idx in self._grafts:  # in place on the direction; a skipped step keeps the grafting state
+            self._grafts[idx].graft_(pre.direction_views, pre.views(g), finite)
+        self._count_nonfinite(finite)
+        if scaler is None and handles_scaling:
+            optimizer.found_inf = (~finite).to(torch.float32)
+        with torch.no_grad():
+            for p, v, has in zip(pre.params, pre.direction_views, has_grad, strict=True):
+                if has:  # as torch.optim leaves a parameter without gradient alone, so does MFAC
+                    p.grad.copy_(v)
         if self.log_stats:
-            if u.is_cuda:
-                torch.cuda.synchronize(u.device)
             suffix = "" if len(trainer.optimizers) == 1 else f"_{idx}"
             stats = {
-                f"mfac/window_fill{suffix}": pre.fisher.filled / pre.fisher.ngrads,
-                f"mfac/precondition_ms{suffix}": 1e3 * (time.perf_counter() - start),
-                f"mfac/ratio{suffix}": float(u.norm() / g.norm().clamp_min(1e-30)),
+                f"mfac/window_fill{suffix}": _fill(pre),
+                f"mfac/ratio{suffix}": torch.linalg.vector_norm(u) / torch.linalg.vector_norm(g).clamp_min(1e-30),
+                "mfac/nonfinite_steps": self._nonfinite.to(torch.float32),
             }
             pl_module.log_dict(stats, on_step=True, on_epoch=False, batch_size=1)
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        count = self.nonfinite_steps  # one host read per epoch
+        if count > self._warned_nonfinite:
+            rank_zero_warn(
+                f"MFACPreconditioner: {count - self._warned_nonfinite} optimizer step(s) of this epoch had a "
+                "non-finite gradient; they were kept out of the M-FAC window and skipped"
+                + (" by the AMP grad scaler." if _grad_scaler(trainer) is not None else ".")
+            )
+            self._warned_nonfinite = count
+
     # ------------------------------------------------------------------ pruning integration
-    def apply_masks(self, masks: dict[str, torch.Tensor]) -> None:
-        """Zero pruned coordinates (``masks[name]`` False) in every stored gradient, so the window no
-        longer carries them; called by ``OBSPruning`` after each pruning step."""
+    def apply_masks(self, masks: Masks) -> None:
+        """Zero pruned coordinates (``masks[param]`` False) in every stored gradient, so the window
+        no longer carries them (the :class:`~lightning_mfac.optim.masking.MaskableWindow`
+        protocol; ``OBSPruning`` calls it after each pruning step)."""
         for idx, pre in self._pre.items():
-            keeps = [masks.get(name) for name in self._names[idx]]
-            if any(k is not None for k in keeps):
-                pre.fisher.mask_coordinates(pre.keep_vector(keeps))
-                if idx in self._grafts:
-                    self._grafts[idx].apply_masks(keeps)
+            pre.apply_masks(masks)
+            if idx in self._grafts:
+                self._grafts[idx].apply_masks(check_masks(pre.params, masks, "MFACPreconditioner", pre.names))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        pres = {idx: pre.state_dict(include_window=self.save_window) for idx, pre in self._pre.items()}
-        for idx, graft in self._grafts.items():
-            pres[idx]["graft"] = graft.state_dict()
-        pres.update({idx: s for idx, s in self._pending.items() if idx not in pres})
-        return {"preconditioners": pres, "nonfinite_steps": self.nonfinite_steps, "save_window": self.save_window}
+        windows = {idx: self._window_state(idx) for idx in self._pre}
+        windows.update({idx: s for idx, s in self._pending.items() if idx not in windows})
+        return {"preconditioners": windows, "nonfinite_steps": self.nonfinite_steps, "save_window": self.save_window}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.nonfinite_steps = int(state_dict.get("nonfinite_steps", 0))
+        self._nonfinite = int(state_dict.get("nonfinite_steps", 0))
+        self._warned_nonfinite = self._nonfinite
         self._pending = {int(k): v for k, v in state_dict.get("preconditioners", {}).items()}
         for idx in list(self._pending):
             if idx in self._pre:
                 self._restore(idx)
 
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # A checkpoint written with other ``params``/``optimizers`` holds its state under another
+        # key. When it is the only MFACPreconditioner state and no other instance claims it, adopt
+        # it, so the change is reported (and the window rebuilt) instead of silently dropped.
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        prefix = type(self).__qualname__ + "{"
+        ours = [k for k in states if isinstance(k, str) and k.startswith(prefix)]
+        claimed = {cb.state_key for cb in trainer.callbacks if isinstance(cb, MFACPreconditioner)}
+        if len(ours) == 1 and ours[0] not in claimed:
+            self.load_state_dict(states[ours[0]])
+
     # ------------------------------------------------------------------ internals
+    def _start_fit(self) -> None:
+        """Forget everything of a previous fit: windows, parameters, pending state, counters."""
+        self._pre: dict[int, FlatPreconditioner] = {}
+        self._grafts: dict[int, Any] = {}
+        self._names: dict[int, list[str]] = {}
+        self._signatures: dict[int, tuple[int, ...]] = {}
+        self._pending: dict[int, dict[str, Any]] = {}
+        self._model_shapes: dict[str, tuple[int, ...]] = {}
+        self._nonfinite: torch.Tensor | int = 0
+        self._warned_nonfinite = 0
+
     def _wants(self, idx: int) -> bool:
         return self.optimizers is None or idx in self.optimizers
 
@@ -189,58 +252,156 @@ class MFACPreconditioner(Callback):
                 f"params={self.params!r} selects no trainable parameter of the optimizer "
                 f"{type(optimizer).__name__}: expected at least one."
             )
+        check_full_gradients(pl_module, named, "MFACPreconditioner")
         return [n for n, _ in named], [p for _, p in named]
 
-    def _preconditioner(
-        self, idx: int, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> FlatPreconditioner:
-        pre = self._pre.get(idx)
-        # Re-selecting walks every named parameter; skip it on the hot path unless the optimizer's
-        # parameter lists changed since the window was built.
-        signature = tuple(len(group["params"]) for group in optimizer.param_groups)
-        if pre is not None and self._signatures.get(idx) == signature:
-            return pre
+    def _build(self, idx: int, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         names, params = self._select(pl_module, optimizer)
+        self._pre[idx] = FlatPreconditioner(
+            params,
+            self.ngrads,
+            self.damp,
+            window=self.window,
+            owner="MFACPreconditioner",
+            names=names,
+            damp_mode=self.damp_mode,
+        )
+        self._names[idx] = names
+        if self.graft is not None:
+            self._grafts[idx] = make_grafting(self.graft)
+        self._signatures[idx] = _signature(optimizer)
+        self._model_shapes = {n: tuple(p.shape) for n, p in pl_module.named_parameters()}
+        if idx in self._pending:
+            self._restore(idx)
+
+    def _check_unchanged(self, idx: int, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        # Re-selecting walks every named parameter: only when the optimizer's lists changed.
+        signature = _signature(optimizer)
+        if signature == self._signatures[idx]:
+            return
+        names, params = self._select(pl_module, optimizer)
+        before = self._pre[idx].params
+        if len(params) != len(before) or any(p is not q for p, q in zip(params, before, strict=False)):
+            old = self._names[idx]
+            raise RuntimeError(
+                "MFACPreconditioner: the preconditioned parameters changed after the M-FAC window was built "
+                f"({len(old)} tensors before, {len(names)} now; new: {[n for n in names if n not in old][:4]}, "
+                f"gone: {[n for n in old if n not in names][:4]}). The window's coordinates belong to the "
+                "parameter tensors it was built for: start a new fit after changing the model or the optimizer."
+            )
         self._signatures[idx] = signature
-        if pre is None:
-            window = WindowConfig(
-                dtype=self.window_dtype,
-                storage=self.storage,
-                page_cols=self.page_cols,
-                refactor_every=self.refactor_every,
-            )
-            pre = self._pre[idx] = FlatPreconditioner(
-                params, self.ngrads, self.damp, window, owner="MFACPreconditioner", names=names,
-                damp_mode=self.damp_mode,
-            )
-            self._names[idx] = names
-            if self.graft is not None:
-                self._grafts[idx] = make_grafting(self.graft)
-            if idx in self._pending:
-                self._restore(idx)
-        else:
-            pre.verify(params)
-        return pre
+
+    def _window_state(self, idx: int) -> dict[str, Any]:
+        pre = self._pre[idx]
+        state = {
+            "names": list(self._names[idx]),
+            "ngrads": self.ngrads,
+            "damp": self.damp,
+            "damp_mode": self.damp_mode,
+            "dtype": _dtype_name(pre.fisher.dtype),
+            **pre.state_dict(include_window=self.save_window),
+        }
+        if idx in self._grafts:
+            state["graft"] = self._grafts[idx].state_dict()
+        return state
 
     def _restore(self, idx: int) -> None:
         state = self._pending.pop(idx)
-        if idx in self._grafts and state.get("graft") is not None:
-            self._grafts[idx].load_state_dict(state["graft"])
-        if not self._pre[idx].load_state_dict(state):
+        pre, names = self._pre[idx], self._names[idx]
+        saved = list(zip(state["names"], [tuple(s) for s in state["shapes"]], strict=True))
+        foreign = [(n, s) for n, s in saved if self._model_shapes.get(n) != s]
+        if foreign:
+            name, shape = foreign[0]
+            here = self._model_shapes.get(name)
+            raise RuntimeError(
+                "MFACPreconditioner: the checkpoint's M-FAC window belongs to a different model: its parameter "
+                f"{name!r} of shape {shape} is " + ("not in this model" if here is None else f"of shape {here} here")
+                + f" ({len(foreign)} of {len(saved)} saved parameters do not match). Resume from a checkpoint "
+                "of this model, or drop the callback state from the checkpoint."
+            )
+        changes = []
+        saved_names = [n for n, _ in saved]
+        if saved_names == names and idx in self._grafts and state.get("graft") is not None:
+            self._grafts[idx].load_state_dict(state["graft"])  # per-parameter: kept unless they changed
+        if saved_names != names:
+            changes.append(
+                f"parameters: {len(saved_names)} tensors in the checkpoint, {len(names)} selected now "
+                f"(new: {[n for n in names if n not in saved_names][:4]}, "
+                f"gone: {[n for n in saved_names if n not in names][:4]})"
+            )
+        if state["ngrads"] != self.ngrads:
+            changes.append(f"ngrads: {state['ngrads']} in the checkpoint, {self.ngrads} now")
+        dtype = _dtype_name(pre.fisher.dtype)
+        if state["dtype"] != dtype:
+            changes.append(f"window dtype: {state['dtype']} in the checkpoint, {dtype} now")
+        if changes:
+            pre.fisher.reset()
+            rank_zero_warn(
+                "MFACPreconditioner: resuming with other window settings than the checkpoint's ("
+                + "; ".join(changes)
+                + f"). The window was rebuilt empty and re-warms over the next {self.ngrads} steps."
+            )
+            return
+        old_damp, old_mode = state["damp"], state.get("damp_mode", "absolute")
+        redamp = (old_damp, old_mode) != (self.damp, self.damp_mode)
+        if redamp:
+            state = {**state, "fisher": _with_damp(state["fisher"], self.damp, self.damp_mode)}
+        if not pre.load_state_dict(state):
             rank_zero_warn(
                 "MFACPreconditioner: the checkpoint was saved with save_window=False; the M-FAC window "
                 f"starts empty and re-warms over the next {self.ngrads} steps."
             )
+            return
+        if redamp:
+            # S = K + m·λ·I depends on λ, the window and its Gram K do not: rebuild S from the
+            # window (mask_coordinates keeping every coordinate recomputes K and refactors).
+            pre.fisher.mask_coordinates(torch.ones(pre.dim, dtype=torch.bool, device=pre.device))
+            rank_zero_warn(
+                f"MFACPreconditioner: resuming with damp={self.damp:g} ({self.damp_mode}); the checkpoint was "
+                f"written with damp={old_damp:g} ({old_mode}). The window was kept and refactorized with "
+                f"damp={self.damp:g}."
+            )
 
-    def _skip(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pre: FlatPreconditioner) -> None:
-        self.nonfinite_steps += 1
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is None:
-            for p in pre.params:
-                p.grad = None
-        rank_zero_warn(
-            "MFACPreconditioner: non-finite gradient; it was kept out of the M-FAC window and the step is "
-            + ("left to the AMP grad scaler to skip." if scaler is not None else "skipped."),
-        )
-        if self.log_stats:
-            pl_module.log("mfac/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False, batch_size=1)
+    def _count_nonfinite(self, finite: torch.Tensor) -> None:
+        # A device counter (no host read); a restored count is a Python int until the first step.
+        self._nonfinite = (~finite).to(torch.int64) + self._nonfinite
+
+
+def _signature(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
+    return tuple(id(p) for group in optimizer.param_groups for p in group["params"])
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _fill(pre: FlatPreconditioner) -> torch.Tensor | float:
+    filled = pre.fisher.filled
+    if isinstance(filled, torch.Tensor):
+        return filled.to(torch.float32) / pre.fisher.ngrads
+    return filled / pre.fisher.ngrads
+
+
+def _with_damp(fisher: dict[str, Any], damp: float, mode: str) -> dict[str, Any]:
+    """The engine's saved state with another dampening. ``lam`` is the absolute ``λ`` in use; in
+    relative mode the refactorization that follows derives it from the window."""
+    out = {**fisher, "damp": damp, "damp_mode": mode}
+    if "lam" in out and mode == "absolute":
+        out["lam"] = damp
+    return out
+
+
+def _grad_scaler(trainer: pl.Trainer) -> Any:
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def _unscale(scaler: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Unscale the gradients of an optimizer that would unscale inside its own step (Lightning
+    leaves those scaled), so that the window stores true gradients; ``scaler.step`` then passes
+    ``grad_scale=None`` and the ``found_inf`` that ``unscale_`` computed on the device."""
+    try:
+        scaler.unscale_(optimizer)
+    except RuntimeError as err:
+        if "already been called" not in str(err):  # unscaled earlier in this step: nothing to do
+            raise

@@ -5,12 +5,13 @@ Lightning callback :class:`~lightning_mfac.callbacks.obs_pruning.OBSPruning` is 
 ``prune_step`` and the schedules here.
 """
 
+from lightning_mfac.pruning.config import OBSConfig
 from lightning_mfac.pruning.masks import layer_sparsities, prune_count, select_masks, sparsity_of
 from lightning_mfac.pruning.obs import obs_correction, obs_saliency
 from lightning_mfac.pruning.oneshot import (
-    apply_masks,
     collect_gradients,
     cycle_batches,
+    mask_weights,
     oneshot_prune,
     preserved_norm_stats,
     prune_step,
@@ -20,13 +21,14 @@ from lightning_mfac.pruning.schedule import check_ngrads, gradual_schedule, ngra
 from lightning_mfac.pruning.selection import check_nm, parse_pattern, select_parameters
 
 __all__ = [
-    "apply_masks",
+    "OBSConfig",
     "check_ngrads",
     "check_nm",
     "collect_gradients",
     "cycle_batches",
     "gradual_schedule",
     "layer_sparsities",
+    "mask_weights",
     "ngrads_for",
     "obs_correction",
     "obs_saliency",

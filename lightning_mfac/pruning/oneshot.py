@@ -24,6 +24,7 @@ This module is plain PyTorch; the Lightning callback
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -32,29 +33,28 @@ import torch
 from torch import nn
 
 from lightning_mfac import _validation as check
+from lightning_mfac.fisher.config import WindowConfig
 from lightning_mfac.fisher.static import StaticFisherInverse
 from lightning_mfac.fisher.storage import AUTO_DEVICE_FRACTION
+from lightning_mfac.pruning.config import OBSConfig
 from lightning_mfac.pruning.masks import prune_count, select_masks, sparsity_of
 from lightning_mfac.pruning.obs import obs_correction, obs_saliency
-from lightning_mfac.pruning.schedule import check_ngrads, ngrads_for, recomputation_targets
-from lightning_mfac.pruning.selection import check_nm, parse_pattern, select_parameters
+from lightning_mfac.pruning.schedule import ngrads_for, recomputation_targets
+from lightning_mfac.pruning.selection import check_nm, select_parameters
 
 __all__ = [
-    "METHODS",
-    "SCOPES",
-    "apply_masks",
     "check_masks",
     "check_target",
     "collect_gradients",
     "cycle_batches",
+    "mask_weights",
     "oneshot_prune",
     "preserved_norm_stats",
     "prune_step",
     "sparse_state_dict",
 ]
 
-METHODS = ("mfac", "magnitude")
-SCOPES = ("global", "layer")
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -96,8 +96,8 @@ def check_masks(masks: Mapping[str, torch.Tensor] | None, named: Mapping[str, to
 
 # ---------------------------------------------------------------------------- helpers
 @torch.no_grad()
-def apply_masks(named: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
-    """Zero the pruned entries of each weight in place."""
+def mask_weights(named: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
+    """Zero the pruned entries (``masks[name]`` False) of each weight in place."""
     for name, p in named.items():
         p.mul_(masks[name].to(p.device, p.dtype))
 
@@ -154,11 +154,14 @@ def _grad_enabled(params: Sequence[torch.Tensor]) -> Iterator[None]:
             p.requires_grad_(False)
 
 
-def _window_device(rows: int, dim: int, dtype: torch.dtype, device: torch.device) -> torch.device:
-    """Where the ``rows × dim`` gradient matrix is accumulated: host memory when it would take more
-    than ``AUTO_DEVICE_FRACTION`` of free GPU memory (StaticFisherInverse then pages it)."""
-    if device.type != "cuda":
+def _window_device(rows: int, dim: int, dtype: torch.dtype, device: torch.device, storage: str) -> torch.device:
+    """Where the ``rows × dim`` gradient matrix is accumulated: host memory for ``storage="paged"``,
+    or for ``"auto"`` when it would take more than ``AUTO_DEVICE_FRACTION`` of free GPU memory
+    (StaticFisherInverse then pages it to the device)."""
+    if device.type != "cuda" or storage == "device":
         return device
+    if storage == "paged":
+        return torch.device("cpu")
     need = rows * dim * torch.empty((), dtype=dtype).element_size()
     free, _ = torch.cuda.mem_get_info(device)
     return device if need <= AUTO_DEVICE_FRACTION * free else torch.device("cpu")
@@ -181,13 +184,14 @@ def collect_gradients(
     progress: bool = False,
     desc: str = "M-FAC gradients",
     source: str = "loss_fn",
+    window: WindowConfig | None = None,
 ) -> torch.Tensor:
     """``(ngrads, d')`` gradients of successive ``losses`` w.r.t. the alive entries of ``named``.
 
     ``torch.autograd.grad`` is used, so the ``.grad`` fields of the model are left untouched.
-    The matrix is kept on ``device`` (default: that of the first weight) unless it is too large
-    for free GPU memory, in which case it is accumulated in host memory. ``source`` names what
-    produced the losses in error messages.
+    The matrix is kept on ``device`` (default: that of the first weight) unless ``window.storage``
+    asks for host memory (``"paged"``, or ``"auto"`` with too little free GPU memory). ``source``
+    names what produced the losses in error messages.
     """
     params = list(named.values())
     # Column indices of the alive entries (None: all alive, no gather needed).
@@ -199,7 +203,8 @@ def collect_gradients(
     bounds = [0, *torch.tensor(widths).cumsum(0).tolist()]
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     device = torch.device(device) if device is not None else params[0].device
-    grads = torch.zeros(ngrads, bounds[-1], dtype=dtype, device=_window_device(ngrads, bounds[-1], dtype, device))
+    storage = (window or WindowConfig()).storage
+    grads = torch.zeros(ngrads, bounds[-1], dtype=dtype, device=_window_device(ngrads, bounds[-1], dtype, device, storage))
     with _grad_enabled(params), _progress(ngrads, desc, progress) as bar:
         for i in range(ngrads):
             loss = next(losses)
@@ -226,64 +231,66 @@ def prune_step(
     named: Mapping[str, torch.Tensor],
     masks: Mapping[str, torch.Tensor],
     sparsity: float,
+    obs: OBSConfig | Mapping[str, Any] | None = None,
     *,
-    method: str = "mfac",
     gradients: Callable[[int], torch.Tensor] | None = None,
-    ngrads: int = 64,
-    damp: float = 1e-5,
-    block_size: int | None = None,
-    scope: str = "global",
-    nm: tuple[int, int] | None = None,
     device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Prune ``named`` in place to ``sparsity`` and return the new keep-masks.
+    """Prune ``named`` in place to ``sparsity`` in one OBS step and return the new keep-masks.
 
-    ``gradients(n)`` must return ``(n, d')`` gradients restricted to the weights alive under
-    ``masks`` (in ``named`` order), e.g. via :func:`collect_gradients`; it is only called for
-    ``method="mfac"`` and only when the step prunes anything.
+    ``obs`` gives the method, ``ngrads`` (an int, or a schedule resolved at ``sparsity``), ``damp``,
+    ``block_size``, ``scope``, ``pattern`` and ``window``; its ``recomputations`` and ``params``
+    are the caller's business. ``gradients(n)`` must return ``(n, d')`` gradients restricted to
+    the weights alive under ``masks`` (in ``named`` order), e.g. via :func:`collect_gradients`; it
+    is only called for ``method="mfac"`` and only when the step prunes anything.
     """
+    obs = OBSConfig.coerce(obs)
     names = list(named)
-    if not _prunes_anything(masks, sparsity, scope):
-        apply_masks(named, masks)
+    if not _prunes_anything(masks, sparsity, obs.scope):
+        mask_weights(named, masks)
         return dict(masks)
-    if method == "magnitude":
+    if obs.method == "magnitude":
         scores = {n: named[n].detach().abs() for n in names}
-        new = select_masks(scores, masks, sparsity, scope, nm)
-        apply_masks(named, new)
+        new = select_masks(scores, masks, sparsity, obs.scope, obs.nm)
+        mask_weights(named, new)
         return new
     if gradients is None:
         raise ValueError("method='mfac' needs gradients: pass a gradients(n) callable.")
     device = torch.device(device) if device is not None else named[names[0]].device
     alive = {n: masks[n].reshape(-1).to(device) for n in names}
     weights = torch.cat([named[n].detach().reshape(-1).to(device, torch.float64)[alive[n]] for n in names])
-    grads = gradients(ngrads)
+    grads = gradients(ngrads_for(obs.ngrads, sparsity))
     if grads.shape[1] != weights.numel():
         raise ValueError(f"gradients returned {grads.shape[1]} columns: expected one per alive weight ({weights.numel()}).")
-    fisher = StaticFisherInverse(grads, damp, block_size=block_size, device=device)
+    fisher = _static_inverse(grads, obs, device)
     del grads
     inv_diag = fisher.diag()
     saliency = obs_saliency(weights, inv_diag)
     scores, offset = {}, 0
+    counts = {n: int(alive[n].sum()) for n in names}
     for n in names:
         full = torch.zeros(alive[n].shape, dtype=torch.float64, device=device)
-        count = int(alive[n].sum())
-        full[alive[n]] = saliency[offset : offset + count]
+        full[alive[n]] = saliency[offset : offset + counts[n]]
         scores[n] = full
-        offset += count
-    new = select_masks(scores, masks, sparsity, scope, nm)
+        offset += counts[n]
+    new = select_masks(scores, masks, sparsity, obs.scope, obs.nm)
     pruned = torch.cat([~new[n].reshape(-1).to(device)[alive[n]] for n in names])
     updated = weights + obs_correction(fisher, weights, pruned, inv_diag)
     updated[pruned] = 0.0
     offset = 0
     with torch.no_grad():
         for n in names:
-            p, count = named[n], int(alive[n].sum())
+            p = named[n]
             flat = torch.zeros(p.numel(), dtype=torch.float64, device=device)
-            flat[alive[n]] = updated[offset : offset + count]
-            offset += count
+            flat[alive[n]] = updated[offset : offset + counts[n]]
+            offset += counts[n]
             p.copy_(flat.view(p.shape).to(p.device, p.dtype))
-    apply_masks(named, new)
+    mask_weights(named, new)
     return new
+
+
+def _static_inverse(grads: torch.Tensor, obs: OBSConfig, device: torch.device) -> StaticFisherInverse:
+    return StaticFisherInverse(grads, obs.damp, block_size=obs.block_size, device=device, window=obs.window)
 
 
 def _prunes_anything(masks: Mapping[str, torch.Tensor], sparsity: float, scope: str) -> bool:
@@ -296,17 +303,11 @@ def _prunes_anything(masks: Mapping[str, torch.Tensor], sparsity: float, scope: 
 # ---------------------------------------------------------------------------- public entry
 def oneshot_prune(
     model: nn.Module,
-    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
     batches: Iterable[Any] | None,
     sparsity: float | None,
-    method: str = "mfac",
-    ngrads: int | Mapping[float, int] = 64,
-    damp: float = 1e-5,
-    block_size: int | None = None,
-    recomputations: int = 1,
-    scope: str = "global",
-    pattern: str = "unstructured",
-    params: Sequence[str] | None = None,
+    obs: OBSConfig | Mapping[str, Any] | None = None,
+    *,
     masks: Mapping[str, torch.Tensor] | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
@@ -319,27 +320,19 @@ def oneshot_prune(
     Args:
         model: the network; pruned weights are set to exactly 0.
         loss_fn: ``loss_fn(model, batch)`` -> scalar loss; it moves the batch to the model's
-            device itself. One gradient per batch.
+            device itself. One gradient per batch. Unused (may be ``None``) for ``"magnitude"``.
         batches: an iterable of batches (list, DataLoader), re-iterated when fewer than needed.
             Unused (may be ``None``) for ``method="magnitude"``.
         sparsity: target fraction of zeros over the selected weights, in ``[0, 1)``; with an
             ``"N:M"`` pattern at most ``1 − N/M`` (``None`` = exactly that).
-        method: ``"mfac"`` (OBS saliency and correction) or ``"magnitude"`` (``|w|``, no correction).
-        ngrads: gradients per step ``m``, or a ``{sparsity: m}`` schedule with key 0 (the entry
-            with the largest key ``<=`` the step's target applies).
-        damp: Fisher dampening ``λ``.
-        block_size: ``None`` for the full Fisher, else block-diagonal over ``B`` consecutive alive
-            weights (in ``params`` order).
-        recomputations: number of steps to reach ``sparsity``, each with fresh gradients
-            (density shrinking geometrically).
-        scope: ``"global"`` (one threshold over all selected weights) or ``"layer"``.
-        pattern: ``"unstructured"`` or ``"N:M"`` (N of every M consecutive weights along the input
-            dimension; see :mod:`~lightning_mfac.pruning.selection` for Conv layers).
-        params: ``None`` (weights of all Linear/Conv layers) or names / ``"re:<regex>"`` patterns.
+        obs: the pruning settings, an :class:`~lightning_mfac.pruning.config.OBSConfig` or a
+            mapping of its fields (method, ngrads, damp, block_size, recomputations, scope,
+            pattern, params, window); ``None`` for the defaults.
         masks: keep-masks of weights pruned before (by name; missing names are fully kept).
         device: device of the Fisher computation (default: the weights'). With CUDA weights and a
             gradient matrix too large for the GPU, it is kept in host memory and paged.
-        progress: show a tqdm bar while sampling gradients.
+        progress: show a tqdm bar while sampling gradients and log each step's sparsity
+            (``logging`` at INFO, logger ``lightning_mfac.pruning.oneshot``).
 
     Gradients are taken in the model's current train/eval mode (``model.eval()`` is the usual
     choice for a trained model); BatchNorm running statistics are restored afterwards.
@@ -347,47 +340,30 @@ def oneshot_prune(
     Returns:
         Boolean keep-masks by parameter name (``False`` = pruned, the weight is 0).
     """
-    method = check.one_of("method", method, METHODS)
-    scope = check.one_of("scope", scope, SCOPES)
-    ngrads = check_ngrads(ngrads)
-    damp = check.positive_float("damp", damp)
-    if block_size is not None:
-        check.positive_int("block_size", block_size)
-    recomputations = check.positive_int("recomputations", recomputations)
-    nm = parse_pattern(pattern)
-    target = check_target(sparsity, nm)
-    if method == "mfac" and not callable(loss_fn):
+    obs = OBSConfig.coerce(obs)
+    target = check_target(sparsity, obs.nm)
+    if obs.method == "mfac" and not callable(loss_fn):
         raise ValueError(f"loss_fn={loss_fn!r} is invalid: expected a callable loss_fn(model, batch) -> scalar.")
-    if method == "mfac" and batches is None:
+    if obs.method == "mfac" and batches is None:
         raise ValueError("batches=None is invalid with method='mfac': expected an iterable of batches.")
-    named = select_parameters(model, params)
-    check_nm(named, nm)
+    named = select_parameters(model, obs.params)
+    check_nm(named, obs.nm)
     keep = check_masks(masks, named)
-    apply_masks(named, keep)
+    mask_weights(named, keep)
 
-    stream = (loss_fn(model, batch) for batch in cycle_batches(batches)) if method == "mfac" else None
-    steps = recomputation_targets(sparsity_of(keep), target, recomputations)
+    stream = (loss_fn(model, batch) for batch in cycle_batches(batches)) if obs.method == "mfac" else None
+    steps = recomputation_targets(sparsity_of(keep), target, obs.recomputations)
     with preserved_norm_stats(model):
         for j, step_target in enumerate(steps):
             def gradients(n: int, _keep=keep, _j=j) -> torch.Tensor:
                 desc = f"M-FAC gradients (step {_j + 1}/{len(steps)})"
-                return collect_gradients(named, _keep, stream, n, device, progress, desc)
+                return collect_gradients(named, _keep, stream, n, device, progress, desc, window=obs.window)
 
             start = time.perf_counter()
-            keep = prune_step(
-                named,
-                keep,
-                step_target,
-                method=method,
-                gradients=gradients,
-                ngrads=ngrads_for(ngrads, step_target),
-                damp=damp,
-                block_size=block_size,
-                scope=scope,
-                nm=nm,
-                device=device,
-            )
+            keep = prune_step(named, keep, step_target, obs, gradients=gradients, device=device)
             if progress:
-                print(f"pruning step {j + 1}/{len(steps)}: sparsity {sparsity_of(keep):.4f} "
-                      f"in {time.perf_counter() - start:.2f}s")
+                log.info(
+                    "pruning step %d/%d: sparsity %.4f in %.2fs",
+                    j + 1, len(steps), sparsity_of(keep), time.perf_counter() - start,
+                )
     return keep
