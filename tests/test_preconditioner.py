@@ -412,3 +412,22 @@ def test_steady_step_reads_nothing_on_the_host(tmp_path):
     _fit(tmp_path, TinyClassifier(fused=True), [callback], max_steps=5 * m, log_every_n_steps=1)
     assert len(callback.reads) == 3 * m
     assert sum(callback.reads) <= 3, callback.reads
+
+
+def test_hook_driven_by_hand_without_a_trainer_run(dense_inverse):
+    """experiments/optimizer_suite.py calls the hook from a plain loop (no setup/on_fit_start):
+    the window is built at the first call."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = SimpleNamespace(optimizers=[opt], precision_plugin=SimpleNamespace(scaler=None))
+    callback = MFACPreconditioner(ngrads=2, damp=0.1, log_stats=False)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    model(x).square().sum().backward()
+    g = torch.nn.utils.parameters_to_vector([p.grad for p in model.parameters()]).clone()
+    callback.on_before_optimizer_step(trainer, model, opt)
+    u = torch.nn.utils.parameters_to_vector([p.grad for p in model.parameters()])
+    window = torch.stack([g, torch.zeros_like(g)])
+    torch.testing.assert_close(u, dense_inverse(window, 0.1) @ g, rtol=1e-10, atol=0)

@@ -143,9 +143,11 @@ class MFACPreconditioner(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         idx = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), None)
-        pre = self._pre.get(idx)
-        if pre is None:
+        if idx is None or not self._wants(idx):
             return
+        if idx not in self._pre:  # driven without on_fit_start (e.g. a hand-written loop)
+            self._build(idx, pl_module, optimizer)
+        pre = self._pre[idx]
         self._check_unchanged(idx, pl_module, optimizer)
         has_grad = pre.with_grad()
         if not any(has_grad):
