@@ -62,7 +62,8 @@ class DynamicFisherInverse:
         device: compute device (default CPU). Inputs must live there.
         window: how the window is stored and multiplied (:class:`~lightning_mfac.fisher.config.WindowConfig`
             or a mapping of its fields): dtype (default float32), storage, page geometry,
-            ``refactor_every`` (default ``m``), kernels and process group.
+            ``refactor_every`` (default ``m``), kernels, ``capture`` (CUDA graph of the steady-state
+            step; docs/design.md, "Capture") and process group.
         damp_mode: ``"absolute"`` or ``"relative"``.
     """
 
@@ -116,7 +117,6 @@ class DynamicFisherInverse:
         self._scale = torch.full((m + 1,), 1.0 / m, dtype=f64, device=dev)
         self._scale[m] = 0.0
         self._drop = torch.tensor(m, device=dev)
-        self._zero64 = torch.zeros((), dtype=f64, device=dev)
         self._zero_out = torch.zeros((), dtype=self.cdtype, device=dev)
         self._onehot = torch.zeros(m + 1, dtype=f64, device=dev)
         self._column = torch.zeros(m + 1, dtype=f64, device=dev)
