@@ -222,3 +222,20 @@ def test_capture_logic_replays_the_same_steps() -> None:
     assert captured._captured_step.runner.replays >= 2 * m
     with pytest.raises(ValueError, match="capture='cuda_graph' needs a window on the device"):
         DynamicFisherInverse(d, m, window=WindowConfig(storage="paged", capture="cuda_graph"))
+
+
+def test_update_and_mul_have_read_free_forms() -> None:
+    d, m = 30, 5
+    inv, grads = warmed(d, m, dtype=torch.float64, damp=1e-2)
+    ref = DynamicFisherInverse(d, m, 1e-2, window=WindowConfig(dtype=torch.float64))
+    ref.load_state_dict(inv.state_dict())
+    bad = grads[1].double().clone()
+    bad[2] = float("inf")
+    with DispatchCounter() as c:
+        stored = inv.update(grads[0].double(), return_finite=True)
+        skipped = inv.update(bad, return_finite=True)
+        out = inv.mul(grads[2].double(), check_finite=False)
+    assert c.host_reads == 0
+    assert bool(stored) and not bool(skipped)
+    ref.update(grads[0].double())
+    torch.testing.assert_close(out, ref.mul(grads[2].double()), rtol=1e-12, atol=0)

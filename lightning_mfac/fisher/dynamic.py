@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from lightning_mfac import _validation as check
-from lightning_mfac.fisher._numerics import check_finite, compute_dtype, eig_inverse, warn_once
+from lightning_mfac.fisher._numerics import check_finite as check_input_finite
+from lightning_mfac.fisher._numerics import compute_dtype, eig_inverse, warn_once
 from lightning_mfac.fisher.capture import CapturedStep, CudaGraphRunner
 from lightning_mfac.fisher.config import WindowConfig, reject_legacy_arguments
 from lightning_mfac.fisher.storage import WindowStorage, make_window
@@ -264,17 +265,24 @@ class DynamicFisherInverse:
         self._since_refactor = int(state.get("since_refactor", 0))
 
     # ------------------------------------------------------------------ public API
-    def update(self, g: torch.Tensor) -> None:
-        """Put ``g`` into the window, replacing the oldest gradient."""
-        g = self._as_vector(g, "g", finite=True)
+    def update(self, g: torch.Tensor, *, return_finite: bool = False) -> torch.Tensor | None:
+        """Put ``g`` into the window, replacing the oldest gradient.
+
+        A non-finite ``g`` raises ``ValueError`` (one host read, to check); with
+        ``return_finite=True`` there is no host read: it is skipped and the returned 0-d device bool
+        says whether ``g`` was stored (as for :meth:`update_mul`)."""
+        g = self._as_vector(g, "g", finite=not return_finite)
         self._step(g, want_direction=False)
         self._after_step()
+        return self.finite if return_finite else None
 
-    def mul(self, x: torch.Tensor) -> torch.Tensor:
-        """``F⁻¹ x`` for ``x`` of shape ``(d,)`` or ``(d, k)``."""
+    def mul(self, x: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
+        """``F⁻¹ x`` for ``x`` of shape ``(d,)`` or ``(d, k)``. ``check_finite=False`` skips the
+        inf/NaN check of ``x`` (its one host read); a non-finite ``x`` then gives a non-finite result."""
         check.float_tensor("x", x, (1, 2))
         self._check_shape_device(x, "x")
-        check_finite("x", x)
+        if check_finite:
+            check_input_finite("x", x)
         m = self.ngrads
         x64 = x.detach().to(torch.float64)
         u = self.window.dots(x64)
@@ -456,7 +464,7 @@ class DynamicFisherInverse:
         check.float_tensor(name, g, (1,))
         self._check_shape_device(g, name)
         if finite:
-            check_finite(name, g)
+            check_input_finite(name, g)
         return g.detach() if g.requires_grad else g
 
 
