@@ -431,3 +431,25 @@ def test_hook_driven_by_hand_without_a_trainer_run(dense_inverse):
     u = torch.nn.utils.parameters_to_vector([p.grad for p in model.parameters()])
     window = torch.stack([g, torch.zeros_like(g)])
     torch.testing.assert_close(u, dense_inverse(window, 0.1) @ g, rtol=1e-10, atol=0)
+
+
+def test_dtensor_parameters_are_refused_by_name():
+    """What FSDP2 / tensor parallelism hands the callback: a parameter that is a DTensor shard. A
+    2-rank fake process group (no communication) builds one in this process."""
+    import torch.distributed as dist
+
+    fake_pg = pytest.importorskip("torch.testing._internal.distributed.fake_pg")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    assert not dist.is_initialized()
+    dist.init_process_group("fake", store=fake_pg.FakeStore(), rank=0, world_size=2)
+    try:
+        layer = torch.nn.Linear(4, 4)
+        mesh = init_device_mesh("cpu", (2,))
+        layer.weight = torch.nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, [Shard(0)]))
+        with pytest.raises(ValueError, match="parameter 'weight' is a DTensor.*Supported: a single device, or DDP"):
+            check_full_gradients(layer, list(layer.named_parameters()), "MFACPreconditioner")
+        check_full_gradients(layer, [("bias", layer.bias)], "MFACPreconditioner")  # a plain tensor passes
+    finally:
+        dist.destroy_process_group()
