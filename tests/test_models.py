@@ -6,6 +6,7 @@ import urllib.error
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lightning_mfac.app import models
 
@@ -70,10 +71,20 @@ def test_quickstart_cnn():
     assert isinstance(model.fc, torch.nn.Linear)
     x = torch.randn(5, 1, 8, 8)
     assert model(x).shape == (5, 10)
-    # The residual path matters: zeroing the block's last BN makes the block an identity + ReLU.
-    torch.nn.init.zeros_(model.bn2.weight)
-    torch.nn.init.zeros_(model.bn2.bias)
-    assert model(x).shape == (5, 10)
+    # The residual block adds its branch to the identity: with the branch's last BN zeroed the
+    # network is exactly the same network without the block; with it, it is not.
+    model.eval()
+
+    def without_block(inp):
+        h = F.relu(model.bn0(model.stem(inp)))
+        h = F.relu(model.bn3(model.down(h)))
+        return model.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+    with torch.no_grad():
+        assert not torch.allclose(model(x), without_block(x), atol=1e-4)
+        torch.nn.init.zeros_(model.bn2.weight)
+        torch.nn.init.zeros_(model.bn2.bias)
+        torch.testing.assert_close(model(x), without_block(x), rtol=0, atol=1e-6)
     assert n_params(models.quickstart_cnn(num_classes=3, in_channels=3, width=8)) < n_params(model)
 
 

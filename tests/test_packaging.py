@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -64,9 +65,17 @@ def test_importing_the_library_pulls_in_no_app_baselines_data_or_hydra():
 def test_wheel_carries_the_configs_and_runs_from_any_directory(tmp_path):
     """Build the real (non-editable) wheel, unpack it as site-packages, and compose the config from elsewhere."""
     pytest.importorskip("setuptools", minversion="77")
+    # From a copy: setuptools reuses a build/ folder, which may hold files deleted since.
+    src = tmp_path / "src"
+    junk = shutil.ignore_patterns(".git", "build", "*.egg-info", ".venv", "outputs", "multirun", "__pycache__", "wandb")
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("lightning_mfac", "conf"):
+        shutil.copytree(ROOT / name, src / name, ignore=junk)
     wheels = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
         check=True, capture_output=True, text=True,
     )
     (wheel,) = wheels.glob("lightning_mfac-*.whl")
