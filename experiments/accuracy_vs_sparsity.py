@@ -39,7 +39,8 @@ def _record(run_dir: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
     pruning = cfg.get("pruning") or {}
-    method = (pruning.get("callback") or {}).get("method") or pruning.get("method") or "none"
+    node = pruning.get("callback") or pruning
+    method = (node.get("obs") or {}).get("method") or node.get("method") or "none"
     return {"method": method, "kind": pruning.get("kind"), "target": (summary.get("pruning") or {}).get("target"),
             "sparsity": summary["global_sparsity"], "test_acc": summary["test"].get("test/acc"),
             "seed": cfg.get("seed"), "run": str(run_dir)}
