@@ -7,6 +7,7 @@ import io
 
 import pytest
 import torch
+from references import correlated_gradients as correlated_grads
 
 from lightning_mfac.fisher import DynamicFisherInverse, WindowConfig
 
@@ -34,15 +35,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.to(torch.float64) - b.to(torch.float64)).norm() / b.to(torch.float64).norm())
 
 
-def correlated_grads(n: int, d: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
-    """Consecutive rows share a slowly drifting direction, like training gradients."""
-    gen = torch.Generator().manual_seed(seed)
-    base = torch.randn(d, generator=gen, dtype=torch.float64)
-    rows = []
-    for _ in range(n):
-        base = 0.9 * base + 0.3 * torch.randn(d, generator=gen, dtype=torch.float64)
-        rows.append(base + 0.5 * torch.randn(d, generator=gen, dtype=torch.float64))
-    return torch.stack(rows).to(dtype)
 
 
 @pytest.mark.parametrize(("d", "m"), [(12, 5), (9, 16), (30, 7)])

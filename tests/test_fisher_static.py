@@ -7,19 +7,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from references import dense_fisher_inverse as dense_inverse
 
 from lightning_mfac.fisher import StaticFisherInverse, WindowConfig
-
-
-def dense_inverse(grads: torch.Tensor, damp: float, block_size: int | None = None) -> torch.Tensor:
-    """float64 ``F⁻¹`` of ``F = λI + GᵀG/m``, block-diagonal over consecutive blocks if asked."""
-    g = grads.to(torch.float64)
-    m, d = g.shape
-    fisher = damp * torch.eye(d, dtype=torch.float64) + g.t() @ g / m
-    if block_size is not None:
-        blk = torch.arange(d) // block_size
-        fisher = fisher * (blk[:, None] == blk[None, :])
-    return torch.linalg.inv(fisher)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

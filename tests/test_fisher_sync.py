@@ -11,7 +11,8 @@ import warnings
 import pytest
 import torch
 from dispatch_counters import DispatchCounter, count_launches
-from test_fisher_dynamic import DenseWindow, correlated_grads, rel_err
+from references import correlated_gradients as correlated_grads
+from test_fisher_dynamic import DenseWindow, rel_err
 
 from lightning_mfac.fisher import DynamicFisherInverse, WindowConfig
 from lightning_mfac.fisher._numerics import warn_once
