@@ -357,6 +357,15 @@ def test_quickstart_end_to_end_with_wandb_offline_plots_and_resume(tmp_path):
     # The masks came back with the checkpoint: the sparsity is kept, not re-grown from zero.
     assert resumed["global_sparsity"] >= summary["global_sparsity"] - 1e-6
 
+    # Resuming a run that had already finished trains nothing, measures its objective on the
+    # validation set and tests the very model of the first run.
+    finished_dir = tmp_path / "finished"
+    proc = _run(["trainer.max_epochs=2", *TINY, f"ckpt_path={last}", f"hydra.run.dir={finished_dir}"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    finished = json.loads((finished_dir / "summary.json").read_text())
+    assert finished["test"] == summary["test"]
+    assert finished["optimized"] == pytest.approx(summary["optimized"])
+
 
 def _test_accuracy(ckpt: Path, overrides: list[str]) -> tuple[float, float]:
     cfg = _compose(["logger=none", *overrides])

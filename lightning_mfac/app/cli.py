@@ -398,6 +398,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             trainer.fit(task, datamodule=dm, ckpt_path=cfg.ckpt_path)
         except FloatingPointError as err:  # an M-FAC window that cannot be factorized
             raise TrainingDiverged(f"training diverged: {err}") from err
+        if str(cfg.optimized_metric) not in trainer.callback_metrics:
+            # Resuming a run that had already finished trains no epoch, so validation never ran.
+            trainer.validate(task, datamodule=dm, verbose=False)
         objective = _objective(cfg, trainer)
         masks = None
         _, last = _checkpoints(trainer)
