@@ -162,14 +162,16 @@ class MFACPreconditioner(Callback):
         # without one takes the flag itself. No host read either way.
         u, finite = pre.precondition(g)
         if idx in self._grafts:  # in place on the direction; a skipped step keeps the grafting state
-            self._grafts[idx].graft_(pre.direction_views, pre.views(g), finite)
+            self._grafts[idx].graft_(pre.direction_views, pre.gradient_views, finite)
         self._count_nonfinite(finite)
         if scaler is None and handles_scaling:
             optimizer.found_inf = (~finite).to(torch.float32)
+        # As torch.optim leaves a parameter without gradient alone, so does the preconditioner.
         with torch.no_grad():
-            for p, v, has in zip(pre.params, pre.direction_views, has_grad, strict=True):
-                if has:  # as torch.optim leaves a parameter without gradient alone, so does MFAC
-                    p.grad.copy_(v)
+            torch._foreach_copy_(
+                [p.grad for p, has in zip(pre.params, has_grad, strict=True) if has],
+                [v for v, has in zip(pre.direction_views, has_grad, strict=True) if has],
+            )
         if self.log_stats:
             suffix = "" if len(trainer.optimizers) == 1 else f"_{idx}"
             stats = {

@@ -59,15 +59,13 @@ class Grafting:
             )
         if not directions:
             return
-        target = self.target_norms(grads, finite)
-        current = torch._foreach_norm(directions)
-        # where(), not clamp_min(): a tiny but non-zero direction must still get the full target norm.
-        ok = [c > 0 if finite is None else (c > 0) & finite for c in current]
-        scales = [
-            torch.where(k, t.to(c.dtype) / c, torch.zeros_like(c))
-            for k, t, c in zip(ok, target, current, strict=True)
-        ]
-        torch._foreach_mul_(directions, scales)
+        target = torch.stack(self.target_norms(grads, finite))
+        current = torch.stack(torch._foreach_norm(directions))
+        # One vector of scales for all tensors. where(), not clamp_min(): a tiny but non-zero
+        # direction must still get the full target norm.
+        ok = current > 0 if finite is None else (current > 0) & finite
+        scales = torch.where(ok, target.to(current.dtype) / current, 0.0)
+        torch._foreach_mul_(directions, scales.unbind())
 
     def apply_masks(self, keeps: Sequence[torch.Tensor | None]) -> None:
         """Forget pruned coordinates (``keeps[i]`` False) in any per-coordinate state."""
@@ -133,19 +131,19 @@ class AdamGrafting(Grafting):
             self.steps = self.steps.to(grads[0].device)
         b1, b2 = self.betas
         g = [x.to(m.dtype) for x, m in zip(grads, self.exp_avg, strict=True)]
-        if finite is not None:
-            # Zeros instead of inf/NaN in the arithmetic; the old moments come back below.
-            g = [torch.where(finite, x, torch.zeros_like(x)) for x in g]
-            before = [t.clone() for t in (*self.exp_avg, *self.exp_avg_sq)]
-        torch._foreach_lerp_(self.exp_avg, g, 1 - b1)
-        torch._foreach_mul_(self.exp_avg_sq, b2)
-        torch._foreach_addcmul_(self.exp_avg_sq, g, g, value=1 - b2)
-        if finite is not None:
-            for t, old in zip((*self.exp_avg, *self.exp_avg_sq), before, strict=True):
-                t.copy_(torch.where(finite, t, old))
-            self.steps = self.steps + finite.to(self.steps.dtype)
+        if finite is None:
+            decay1, decay2 = b1, b2
         else:
-            self.steps = self.steps + 1
+            # A skipped step: a zero gradient (not inf/NaN) and decay factors of 1 leave both
+            # moments exactly as they were, decided on the device without copying them.
+            g = [torch.where(finite, x, 0.0) for x in g]
+            one = torch.ones((), dtype=g[0].dtype, device=g[0].device)
+            decay1, decay2 = torch.where(finite, b1, one), torch.where(finite, b2, one)
+        torch._foreach_mul_(self.exp_avg, decay1)
+        torch._foreach_add_(self.exp_avg, g, alpha=1 - b1)
+        torch._foreach_mul_(self.exp_avg_sq, decay2)
+        torch._foreach_addcmul_(self.exp_avg_sq, g, g, value=1 - b2)
+        self.steps = self.steps + (1 if finite is None else finite.to(self.steps.dtype))
         steps = self.steps.clamp_min(1)  # a skipped first step: its norms are discarded anyway
         bc1 = 1 - torch.pow(b1, steps)
         bc2_sqrt = (1 - torch.pow(b2, steps)).sqrt()
