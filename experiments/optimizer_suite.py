@@ -284,9 +284,20 @@ OPTIMIZERS: dict[str, tuple[list[float], Any]] = {
     "shampoo": ([1e-4, 3e-4, 1e-3, 3e-3, 1e-2], lambda mdl, lr, *_: (_baseline("shampoo", mdl, lr), None)),
     "soap": ([1e-3, 3e-3, 1e-2, 3e-2, 0.1], lambda mdl, lr, *_: (_baseline("soap", mdl, lr), None)),
     "muon": ([3e-3, 1e-2, 3e-2, 0.1, 0.3], lambda mdl, lr, *_: (_baseline("muon", mdl, lr), None)),
+    # Ablation, not in the default list: MFAC with λ = 1e6, so F⁻¹g = g/λ to ~1e-9 and the step is
+    # the gradient rescaled per tensor to Adam's step norm -- what Adam grafting alone does, with
+    # the window's curvature switched off.
+    "identity+adam": (ADAM_GRID, lambda mdl, lr, m, d, dm: _mfac(mdl, lr, m, IDENTITY_DAMP, "adam", None)),
 }
+#: the optimizers a run of the suite compares unless --optimizers names others
+DEFAULT_OPTIMIZERS = [n for n in OPTIMIZERS if n != "identity+adam"]
+#: λ of the ablation: m·λ dwarfs every entry of GGᵀ on these tasks
+IDENTITY_DAMP = 1e6
+#: each M-FAC form's dampening when --damp is not given: the app's shipped defaults
+#: (conf/optimizer/mfac.yaml, conf/preconditioner/mfac.yaml) for the grafted forms
+DEFAULT_DAMP = {"mfac": 1e-2, "mfac+adam": 1e-2, "sgd+mfac": 1e-2, "sgd+mfac+sgd": 0.1}
 #: grafted variant -> the method whose tuned lr it should reuse
-GRAFTED_FROM = {"mfac+adam": "adamw", "sgd+mfac+sgd": "sgd"}
+GRAFTED_FROM = {"mfac+adam": "adamw", "sgd+mfac+sgd": "sgd", "identity+adam": "adamw"}
 
 # ---------------------------------------------------------------------- one run
 
@@ -494,6 +505,21 @@ def plot(task: str, rows: list[dict[str, Any]], path: Path, title: str) -> None:
 # ---------------------------------------------------------------------- main
 
 
+def _damp_of(name: str, damp: float | None) -> float | None:
+    if name == "identity+adam":
+        return IDENTITY_DAMP
+    return damp if damp is not None else DEFAULT_DAMP.get(name)
+
+
+def _damps_label(runs: list[dict[str, Any]], task: str) -> str:
+    """'0.01 (mfac, ...), 0.1 (sgd+mfac+sgd)': the dampening each M-FAC form of ``task`` ran with."""
+    by_damp: dict[float, list[str]] = {}
+    for r in runs:
+        if r["task"] == task and r.get("damp") is not None and r["optimizer"] not in by_damp.get(r["damp"], []):
+            by_damp.setdefault(r["damp"], []).append(r["optimizer"])
+    return ", ".join(f"{d:g} ({', '.join(sorted(names))})" for d, names in sorted(by_damp.items()))
+
+
 def _jobs(args, tasks, names, seeds) -> list[dict[str, Any]]:
     jobs = []
     grid_index = range(5) if args.lrs == "all" else [1, 2, 3]
@@ -508,7 +534,7 @@ def _jobs(args, tasks, names, seeds) -> list[dict[str, Any]]:
                     jobs.append({
                         "task": task, "optimizer": name, "lr": grid[li], "seed": seed,
                         "steps": args.steps or spec.steps, "batch_size": spec.batch_size,
-                        "m": args.ngrads or spec.m, "damp": args.damp, "damp_mode": args.damp_mode,
+                        "m": args.ngrads or spec.m, "damp": _damp_of(name, args.damp), "damp_mode": args.damp_mode,
                         "evals": args.evals,
                     })
     return jobs
@@ -558,8 +584,9 @@ def _run_all(jobs: list[dict[str, Any]], workers: int, log: Path | None = None) 
             if log is not None:
                 with log.open("a") as f:
                     f.write(json.dumps(r) + "\n")
+            damp = "" if r["damp"] is None else f"damp={r['damp']:g}{'' if r['damp_mode'] is None else ' ' + r['damp_mode']} "
             print(f"[{i}/{len(jobs)} {time.perf_counter() - start:6.0f}s] {r['task']:<11} {r['optimizer']:<13} "
-                  f"lr={r['lr']:<7g} damp={r['damp']:g}{'' if r['damp_mode'] is None else ' ' + r['damp_mode']} "
+                  f"lr={r['lr']:<7g} {damp}"
                   f"seed={r['seed']}  train {r['final_train']:.4f}  val {r['final_val']:.4f}  "
                   f"({r['seconds']:.1f}s)", file=sys.stderr, flush=True)
     finally:
@@ -576,12 +603,13 @@ def _strip(rows):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default=",".join(TASKS))
-    parser.add_argument("--optimizers", default=None, help=f"comma list (default: all of {list(OPTIMIZERS)})")
+    parser.add_argument("--optimizers", default=None, help=f"comma list (default: all of {DEFAULT_OPTIMIZERS}; also: identity+adam)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--lrs", default="all", choices=["all", "middle3"])
     parser.add_argument("--steps", type=int, default=None, help="override every task's step count")
     parser.add_argument("--ngrads", type=int, default=None, help="override M-FAC's window (default 256)")
-    parser.add_argument("--damp", type=float, default=1e-2, help="M-FAC dampening (absolute unless --damp-mode)")
+    parser.add_argument("--damp", type=float, default=None,
+                        help=f"M-FAC dampening for every M-FAC form (absolute unless --damp-mode); default per form: {DEFAULT_DAMP}")
     parser.add_argument("--damp-mode", default=None, help="passed to MFAC / MFACPreconditioner as damp_mode")
     parser.add_argument("--evals", type=int, default=10, help="evaluations per run (curves, equal wall-clock)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (1 torch thread each)")
@@ -599,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.ngrads, args.evals = args.steps or 40, args.ngrads or 32, 4
         args.out = args.out if args.out != str(HERE / "optimizer_suite") else str(HERE / "optimizer_suite_quick")
     tasks = args.tasks.split(",")
-    names = args.optimizers.split(",") if args.optimizers else list(OPTIMIZERS)
+    names = args.optimizers.split(",") if args.optimizers else list(DEFAULT_OPTIMIZERS)
     for t in tasks:
         if t not in TASKS:
             parser.error(f"unknown task {t!r}: expected some of {list(TASKS)}")
@@ -629,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python experiments/optimizer_suite.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "torch": torch.__version__, "workers": args.workers, "threads_per_worker": 1, "cpus": os.cpu_count(),
-        "wall_seconds": wall, "runs": len(runs), "planned_runs": len(jobs), "seeds": seeds, "damp": args.damp, "damp_mode": args.damp_mode, "study": args.study,
+        "wall_seconds": wall, "runs": len(runs), "planned_runs": len(jobs), "seeds": seeds, "damp": {n: _damp_of(n, args.damp) for n in names}, "damp_mode": args.damp_mode, "study": args.study,
         "tasks": {t: vars(TASKS[t]) for t in tasks},
     }
     if args.study == "damp":
@@ -643,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     for task, rows in summary.items():
         done = sorted({r["seed"] for r in runs if r["task"] == task})
         title = (f"{task}: {TASKS[task].steps if not args.steps else args.steps} steps, cosine lr, seeds {done}, "
-                 f"M-FAC m={args.ngrads or TASKS[task].m} damp={args.damp:g}; lr picked on validation loss")
+                 f"M-FAC m={args.ngrads or TASKS[task].m} damp {_damps_label(runs, task)}; lr picked on validation loss")
         plot(task, rows, Path(f"{out}_{task}.png"), title)
     Path(str(out) + ".json").write_text(json.dumps(
         {"meta": meta, "summary": {t: _strip(rows) for t, rows in summary.items()}, "runs": runs}, indent=1))
