@@ -144,6 +144,50 @@ def test_bfloat16_widening_is_exact_for_special_values(impl: str) -> None:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block", [1, 7, 128, N, N + 5], ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("sliced", [False, True], ids=["contiguous", "slice"])
+def test_column_block_passes_match_float64(impl: str, dtype: torch.dtype, block: int, sliced: bool) -> None:
+    """``block_dots``/``block_combine`` equal ``dots``/``combine`` of each block of columns, in float64
+    (blocks that divide ``n`` and ones that leave a short last block, one block, a block wider
+    than the window)."""
+    kern = resolve_kernels(impl, "cpu")
+    rows = window(dtype, M, N, sliced)
+    rows64 = rows.to(torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(N, generator=gen, dtype=torch.float64)
+    nblocks = -(-N // block)
+    c = torch.randn(nblocks, M, generator=gen, dtype=torch.float64)
+    spans = [slice(b * block, min(N, (b + 1) * block)) for b in range(nblocks)]
+    u_ref = torch.stack([rows64[:, s] @ x[s] for s in spans])
+    out_ref = torch.cat([rows64[:, s].t() @ c[b] for b, s in enumerate(spans)])
+    u = kern.block_dots(rows, x, block)
+    assert u.shape == (nblocks, M) and u.dtype == torch.float64
+    assert relerr(u, u_ref) < F64_TOL
+    out = kern.block_combine(rows, c, block, out_dtype=torch.float64)
+    assert out.shape == (N,) and out.dtype == torch.float64
+    assert relerr(out, out_ref) < F64_TOL
+    rounded = kern.block_combine(rows, c, block)
+    assert rounded.dtype == kernels_mod.default_out_dtype(dtype)
+    # float64 sums rounded once: within the output's own rounding
+    assert relerr(rounded, out_ref) < (F64_TOL if rounded.dtype == torch.float64 else 2.0**-24)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_column_block_passes_refuse_bad_blocks(impl: str) -> None:
+    kern = resolve_kernels(impl, "cpu")
+    rows = torch.zeros(4, 10)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=rf"block={bad!r} is not supported: expected a positive int"):
+            kern.block_dots(rows, torch.zeros(10), bad)
+    with pytest.raises(ValueError, match="x must be 1-D"):
+        kern.block_dots(rows, torch.zeros(10, 2), 5)
+    with pytest.raises(ValueError, match=r"coeffs has shape \(3, 4\): expected \(nblocks, m\) = \(2, 4\)"):
+        kern.block_combine(rows, torch.zeros(3, 4, dtype=torch.float64), 5)
+    assert kern.block_dots(torch.zeros(3, 0), torch.zeros(0), 4).shape == (0, 3)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_empty_windows(impl: str) -> None:
     kern = resolve_kernels(impl, "cpu")
     assert kern.dots(torch.zeros(0, 5), torch.ones(5)).shape == (0,)
@@ -342,6 +386,10 @@ plans = {
                                             torch.zeros(n, 1, dtype=torch.bfloat16), False),
     "combine f64 block": tk.plan_combine(f64, torch.zeros(m, 3, dtype=torch.float64),
                                          torch.zeros(n, 3, dtype=torch.float64), False),
+    "dots f32 column blocks": tk.plan_dots(f32, torch.zeros(n, 1), torch.zeros(n // 1000 + 1, m, dtype=torch.float64),
+                                           False, False, block=1000),
+    "combine bf16 column blocks": tk.plan_combine(bf16, torch.zeros(n // 1000 + 1, m, dtype=torch.float64),
+                                                  torch.zeros(n, 1, dtype=torch.float64), False, block=1000),
     "gram bf16 +=": tk.plan_gram(bf16, torch.zeros(m, m, dtype=torch.float64), True, False),
 }
 for name, plan in plans.items():
@@ -366,7 +414,7 @@ def test_cuda_kernels_compile_for_sm90_without_a_gpu(tmp_path) -> None:
         [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
-    assert proc.stdout.count("compiled") == 5, proc.stdout
+    assert proc.stdout.count("compiled") == 7, proc.stdout
 
 
 # --- end to end: the dynamic step through each implementation ---------------------------------------

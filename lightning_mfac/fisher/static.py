@@ -39,11 +39,6 @@ TILE_BYTES = 16 << 20
 TILE_FRACTION = 1 / 32
 
 
-#: Blocks at least this wide are multiplied block by block through the window kernels; narrower
-#: ones (many blocks) tile by tile as a batched float64 product.
-KERNEL_BLOCK_MIN = 512
-
-
 def default_tile_cols(m: int, d: int) -> int:
     return max(1, min(TILE_BYTES // (8 * m), math.ceil(d * TILE_FRACTION)))
 
@@ -195,8 +190,8 @@ class StaticFisherInverse:
         return out.sub_(x).mul_(-1.0 / self.damp)
 
     def _mul_blocked(self, x: torch.Tensor) -> torch.Tensor:
-        if self.block_size >= KERNEL_BLOCK_MIN:
-            return self._mul_blocked_passes(x)
+        if x.shape[1] == 1:
+            return self._mul_blocked_vector(x[:, 0]).unsqueeze(1)
         k = x.shape[1]
         out = torch.empty_like(x)
         for c0, c1, tile in self._window.column_tiles():
@@ -208,25 +203,24 @@ class StaticFisherInverse:
             out[c0:c1] = (x[c0:c1] - back) / self.damp
         return out
 
-    def _mul_blocked_passes(self, x: torch.Tensor) -> torch.Tensor:
-        """Wide blocks: each block's ``G_b x_b`` and ``G_bᵀ c_b`` through the window kernels (one
-        float64-accumulating read of the block each), the ``m × m`` solves batched in between."""
-        b, m, kern = self.block_size, self.ngrads, self.kernels
-        vec = x[:, 0] if x.shape[1] == 1 else x
-        u = torch.empty((self.nblocks, m) + tuple(vec.shape[1:]), dtype=torch.float64, device=self.device)
+    def _mul_blocked_vector(self, x: torch.Tensor) -> torch.Tensor:
+        """Every block's ``G_b x_b`` in one column-block pass per tile, the ``m × m`` solves batched,
+        every block's ``G_bᵀ c_b`` in a second pass: two float64-accumulating reads of ``G``, as for
+        the full inverse (tiles hold whole blocks)."""
+        b, kern = self.block_size, self.kernels
+        u = torch.empty(self.nblocks, self.ngrads, dtype=torch.float64, device=self.device)
         for c0, c1, tile in self._window.column_tiles():
-            for a in range(0, c1 - c0, b):
-                w = min(b, c1 - c0 - a)
-                u[(c0 + a) // b] = kern.dots(tile[:, a : a + w], vec[c0 + a : c0 + a + w])
-        c = torch.cholesky_solve(u.reshape(self.nblocks, m, -1), self._factor).reshape(u.shape)
-        out = torch.empty_like(vec)
+            part = kern.block_dots(tile, x[c0:c1], b)
+            u[c0 // b : c0 // b + part.shape[0]] = part
+        # Two batched triangular solves: 5x faster than the batched cholesky_solve on the CPU, whose
+        # per-block LAPACK calls dominate when there are thousands of blocks.
+        y = torch.linalg.solve_triangular(self._factor, u.unsqueeze(2), upper=False)
+        c = torch.linalg.solve_triangular(self._factor.mT, y, upper=True).squeeze(2)
+        out = torch.empty_like(x)
         for c0, c1, tile in self._window.column_tiles():
-            for a in range(0, c1 - c0, b):
-                w = min(b, c1 - c0 - a)
-                out[c0 + a : c0 + a + w] = kern.combine(
-                    tile[:, a : a + w], c[(c0 + a) // b], out_dtype=torch.float64
-                )
-        return out.sub_(vec).mul_(-1.0 / self.damp).reshape(x.shape)
+            nb = -(-(c1 - c0) // b)
+            out[c0:c1] = kern.block_combine(tile, c[c0 // b : c0 // b + nb], b, out_dtype=torch.float64)
+        return out.sub_(x).mul_(-1.0 / self.damp)
 
     def _mul_direct(self, x: torch.Tensor) -> torch.Tensor:
         b, k = self.block_size, x.shape[1]

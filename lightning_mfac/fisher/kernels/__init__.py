@@ -7,6 +7,10 @@ own width, and accumulates in float64 (docs/design.md, "Numerics"):
 * ``combine(rows, c)``   → ``rowsᵀ @ c``         (``Gᵀ c``), ``c`` float64; float64 accumulation,
   rounded once to ``out_dtype`` (default: float32 for float32/bfloat16 windows, float64 otherwise)
 * ``gram(rows)``         → ``rows @ rowsᵀ``      (``K = G Gᵀ``), float64 ``(m, m)``
+* ``block_dots(rows, x, B)``, ``block_combine(rows, c, B)`` → ``dots``/``combine`` restricted to each
+  block of ``B`` consecutive columns (the block-diagonal static inverse): ``(nblocks, m)`` sums, and
+  ``(n,)`` with the coefficients ``c[j // B]`` for column ``j``; vectors only, still one read of
+  the window (one launch on Triton)
 
 ``out=`` accumulates (``out += …``) for ``dots``/``gram`` so that paged and sharded storages sum
 page contributions without a temporary; ``combine`` writes into ``out``.
@@ -55,6 +59,12 @@ class WindowKernels(Protocol):
     ) -> torch.Tensor: ...
 
     def gram(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def block_dots(self, rows: torch.Tensor, x: torch.Tensor, block: int) -> torch.Tensor: ...
+
+    def block_combine(
+        self, rows: torch.Tensor, coeffs: torch.Tensor, block: int, out_dtype: torch.dtype | None = None
+    ) -> torch.Tensor: ...
 
 
 __all__ = [

@@ -82,3 +82,37 @@ def combine_dtype(rows: torch.Tensor, out: torch.Tensor | None, out_dtype: torch
 def gram(rows, out) -> None:
     m, _ = _rows(rows)
     _out(out, (m, m), rows, torch.float64)
+
+
+def _block(block, n: int) -> int:
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block={block!r} is not supported: expected a positive int (columns per block).")
+    return -(-n // block)
+
+
+def block_dots(rows, x, block) -> int:
+    """Checks of ``block_dots``; returns the number of blocks."""
+    _, n = _rows(rows)
+    _operand("x", x, n, "n", rows)
+    if x.dim() != 1:
+        raise ValueError(f"x must be 1-D (n,) for the block passes, got shape {tuple(x.shape)}.")
+    return _block(block, n)
+
+
+def block_combine(rows, coeffs, block, out_dtype) -> int:
+    """Checks of ``block_combine``; returns the number of blocks."""
+    m, n = _rows(rows)
+    nblocks = _block(block, n)
+    _tensor("coeffs", coeffs)
+    if tuple(coeffs.shape) != (nblocks, m):
+        raise ValueError(
+            f"coeffs has shape {tuple(coeffs.shape)}: expected (nblocks, m) = {(nblocks, m)} for "
+            f"rows {tuple(rows.shape)} in blocks of {block} columns."
+        )
+    if not coeffs.is_floating_point():
+        raise TypeError(f"coeffs.dtype={coeffs.dtype} is not supported: expected a floating-point dtype.")
+    if coeffs.device != rows.device:
+        raise ValueError(f"coeffs is on {coeffs.device} but rows is on {rows.device}.")
+    if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
+        raise TypeError(f"out_dtype={out_dtype!r} is not supported: expected a floating-point torch.dtype.")
+    return nblocks

@@ -12,6 +12,10 @@ bfloat16 or float64) is widened to float64 in a register, multiplied and summed 
 * ``dots`` (``G x``) sweeps a column tile of ``x`` (kept in L1) across 8 rows at a time, each with its
   own float64 sum; ``combine`` (``Gᵀ c``) keeps float64 accumulators for one column tile (in L1)
   and adds 8 rows per sweep into them (one load and store of an accumulator per 8 values read).
+* The *column-block* passes (``block_dots``/``block_combine``: a block-diagonal Fisher, each block
+  of ``B`` consecutive columns with its own ``x`` sums or coefficients) run the vector passes over
+  every block inside one compiled call, so the static blocked ``mul`` costs two window reads and
+  no Python per block.
 * The block forms (``x`` or ``c`` with ``k`` columns) reuse each row tile from L1 for the ``k``
   columns: exact and bounded like the vector forms, but not tuned (measured 1.2–11× a float32 GEMM
   at k = 4–16, d = 1e6); the dynamic step and the static ``mul`` of one vector use the vector forms.
@@ -148,10 +152,9 @@ def _dots_mat(g, ld, m, n, xt, out):
 
 
 @numba.njit(**_JIT)
-def _combine_vec(g, ld, m, n, c, out):
-    """``out[j] = Σ_r g[r·ld + j] · c[r]``: float64 accumulators for a column tile, 8 rows added per
-    sweep, rounded once to ``out``'s dtype."""
-    acc = np.empty(COMBINE_TILE, dtype=np.float64)
+def _combine_vec(g, ld, m, n, c, out, acc):
+    """``out[j] = Σ_r g[r·ld + j] · c[r]``: float64 accumulators (``acc``, ``COMBINE_TILE`` of them)
+    for a column tile, 8 rows added per sweep, rounded once to ``out``'s dtype."""
     for c0 in range(0, n, COMBINE_TILE):
         w = min(COMBINE_TILE, n - c0)
         a = acc[:w]
@@ -185,6 +188,25 @@ def _combine_vec(g, ld, m, n, c, out):
         o = out[c0 : c0 + w]
         for j in range(w):
             o[j] = a[j]
+
+
+@numba.njit(**_JIT)
+def _block_dots_vec(g, ld, m, n, block, x, out):
+    """``out[b, r] += Σ_{j in block b} g[r·ld + j] · x[j]``: ``dots`` restricted to each block of
+    ``block`` columns, all blocks in one call."""
+    for c0 in range(0, n, block):
+        w = min(block, n - c0)
+        _dots_vec(g[c0:], ld, m, w, x[c0 : c0 + w], out[c0 // block])
+
+
+@numba.njit(**_JIT)
+def _block_combine_vec(g, ld, m, n, block, c, out):
+    """``out[j] = Σ_r g[r·ld + j] · c[b(j), r]`` with ``b(j) = j // block``: each block combined
+    with its own coefficients, all blocks in one call."""
+    acc = np.empty(COMBINE_TILE, dtype=np.float64)
+    for c0 in range(0, n, block):
+        w = min(block, n - c0)
+        _combine_vec(g[c0:], ld, m, w, c[c0 // block], out[c0 : c0 + w], acc)
 
 
 @numba.njit(**_JIT)
@@ -291,11 +313,40 @@ class CpuKernels:
         else:
             res = torch.empty(shape, dtype=dtype if direct else torch.float32, device=rows.device)
         c = _np(coeffs.to(torch.float64).contiguous())
-        (_combine_vec if vec else _combine_mat)(g, ld, m, n, c, _np(res))
+        if vec:
+            _combine_vec(g, ld, m, n, c, _np(res), np.empty(COMBINE_TILE, dtype=np.float64))
+        else:
+            _combine_mat(g, ld, m, n, c, _np(res))
         if res is out:
             return out
         if out is not None:
             return out.copy_(res)
+        return res if direct else res.to(dtype)
+
+    def block_dots(self, rows, x, block):
+        nblocks = _checks.block_dots(rows, x, block)
+        flat = _flat(rows) if rows.numel() else None
+        if flat is None:
+            return self._reference.block_dots(rows, x, block)
+        g, ld = flat
+        m, n = rows.shape
+        res = torch.zeros(nblocks, m, dtype=torch.float64, device=rows.device)
+        xv = x if x.dtype in (torch.float32, torch.float64) else x.to(torch.float64)
+        _block_dots_vec(g, ld, m, n, block, _np(xv.contiguous()), _np(res))
+        return res
+
+    def block_combine(self, rows, coeffs, block, out_dtype=None):
+        _checks.block_combine(rows, coeffs, block, out_dtype)
+        flat = _flat(rows) if rows.numel() else None
+        if flat is None:
+            return self._reference.block_combine(rows, coeffs, block, out_dtype)
+        g, ld = flat
+        m, n = rows.shape
+        dtype = out_dtype or _checks.default_out_dtype(rows.dtype)
+        direct = dtype in (torch.float32, torch.float64)
+        res = torch.empty(n, dtype=dtype if direct else torch.float32, device=rows.device)
+        c = _np(coeffs.to(torch.float64).contiguous())
+        _block_combine_vec(g, ld, m, n, block, c, _np(res))
         return res if direct else res.to(dtype)
 
     def gram(self, rows, out=None):

@@ -50,6 +50,34 @@ class TorchKernels:
             return res
         return out.copy_(res)
 
+    def _block_tiles(self, rows: torch.Tensor, block: int):
+        """``(b0, c0, c1, tile)``: whole blocks of columns as float64 ``(m, nb, block)`` tiles (the
+        last block zero-padded), ``b0`` the first block's index."""
+        m, n = rows.shape
+        cols = max(1, TILE_ELEMS // max(m * block, 1)) * block
+        for c0 in range(0, n, cols):
+            c1 = min(n, c0 + cols)
+            tile = torch.nn.functional.pad(rows[:, c0:c1].to(torch.float64), (0, (-(c1 - c0)) % block))
+            yield c0 // block, c0, c1, tile.unflatten(1, (-1, block))
+
+    def block_dots(self, rows, x, block):
+        nblocks = _checks.block_dots(rows, x, block)
+        res = torch.empty(nblocks, rows.shape[0], dtype=torch.float64, device=rows.device)
+        for b0, c0, c1, tile in self._block_tiles(rows, block):
+            seg = torch.nn.functional.pad(x[c0:c1].to(torch.float64), (0, tile.shape[1] * block - (c1 - c0)))
+            res[b0 : b0 + tile.shape[1]] = torch.einsum("mbj,bj->bm", tile, seg.view(-1, block))
+        return res
+
+    def block_combine(self, rows, coeffs, block, out_dtype=None):
+        _checks.block_combine(rows, coeffs, block, out_dtype)
+        dtype = out_dtype or _checks.default_out_dtype(rows.dtype)
+        res = torch.empty(rows.shape[1], dtype=dtype, device=rows.device)
+        c64 = coeffs.to(torch.float64)
+        for b0, c0, c1, tile in self._block_tiles(rows, block):
+            part = torch.einsum("mbj,bm->bj", tile, c64[b0 : b0 + tile.shape[1]])
+            res[c0:c1] = part.flatten()[: c1 - c0]
+        return res
+
     def gram(self, rows, out=None):
         _checks.gram(rows, out)
         m = rows.shape[0]

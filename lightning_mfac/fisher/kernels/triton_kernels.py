@@ -56,21 +56,25 @@ _INTERPRETED_WORK = 1 << 16
 
 
 def _dots_kernel(
-    G, ld, sg, X, sxn, sxk, OUT, som, sok, m, n, k,
+    G, ld, sg, X, sxn, sxk, OUT, sob, som, sok, m, n, k, cols,
     BF16: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """``OUT[r, i] (+)= Σ_j G[r, j] · X[j, i]`` for the rows of this program, in float64."""
+    """``OUT[b, r, i] (+)= Σ_{j in block b} G[r, j] · X[j, i]`` for the rows of this program and the
+    column block ``b = program_id(1)`` of ``cols`` columns, in float64 (``cols = n``: plain ``G X``)."""
     pid = tl.program_id(0)
+    blk = tl.program_id(1)
     r = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     i = tl.arange(0, BLOCK_K)
     rmask = r < m
     imask = i < k
     g_rows = G + r.to(tl.int64)[:, None] * ld
     acc = tl.full((BLOCK_M, BLOCK_K), 0.0, tl.float64)
-    for c0 in range(0, n, BLOCK_N):
+    start = blk.to(tl.int64) * cols
+    end = tl.minimum(start + cols, n)
+    for c0 in range(start, end, BLOCK_N):
         j = c0 + tl.arange(0, BLOCK_N)
-        jmask = j < n
+        jmask = j < end
         j64 = j.to(tl.int64)
         g = tl.load(g_rows + j64[None, :] * sg, mask=rmask[:, None] & jmask[None, :], other=0)
         if BF16:  # the raw 16 bits of a bfloat16: the upper half of a float32
@@ -80,7 +84,7 @@ def _dots_kernel(
             X + j64[:, None] * sxn + i[None, :] * sxk, mask=jmask[:, None] & imask[None, :], other=0.0
         )
         acc += tl.reduce(g[:, :, None] * x.to(tl.float64)[None, :, :], 1, _sum)
-    out_ptr = OUT + r[:, None] * som + i[None, :] * sok
+    out_ptr = OUT + blk.to(tl.int64) * sob + r[:, None] * som + i[None, :] * sok
     omask = rmask[:, None] & imask[None, :]
     if ACCUMULATE:
         acc += tl.load(out_ptr, mask=omask, other=0.0)
@@ -88,12 +92,13 @@ def _dots_kernel(
 
 
 def _combine_kernel(
-    G, ld, sg, C, scm, sck, OUT, son, sok, m, n, k,
-    BF16: tl.constexpr, OUT_F64: tl.constexpr, OUT_BF16: tl.constexpr,
+    G, ld, sg, C, scb, scm, sck, OUT, son, sok, m, n, k, cols,
+    BF16: tl.constexpr, OUT_F64: tl.constexpr, OUT_BF16: tl.constexpr, BLOCKED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``OUT[j, i] = Σ_r G[r, j] · C[r, i]`` for the columns of this program: float64 sums, rounded
-    once to ``OUT``'s dtype."""
+    once to ``OUT``'s dtype. ``BLOCKED`` (then ``k = 1``): column ``j`` takes the coefficients of its
+    block of ``cols`` columns, ``C[j // cols, r]`` (``scb`` the block stride)."""
     pid = tl.program_id(0)
     j = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     i = tl.arange(0, BLOCK_K)
@@ -107,8 +112,13 @@ def _combine_kernel(
         g = tl.load(g_cols + r.to(tl.int64)[:, None] * ld, mask=rmask[:, None] & jmask[None, :], other=0)
         if BF16:  # the raw 16 bits of a bfloat16: the upper half of a float32
             g = ((g.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
-        c = tl.load(C + r[:, None] * scm + i[None, :] * sck, mask=rmask[:, None] & imask[None, :], other=0.0)
-        acc += tl.reduce(g.to(tl.float64)[:, :, None] * c.to(tl.float64)[:, None, :], 0, _sum)
+        if BLOCKED:
+            blk = (j // cols).to(tl.int64)
+            c = tl.load(C + blk[None, :] * scb + r[:, None] * scm, mask=rmask[:, None] & jmask[None, :], other=0.0)
+            acc += tl.reduce(g.to(tl.float64)[:, :, None] * c.to(tl.float64)[:, :, None], 0, _sum)
+        else:
+            c = tl.load(C + r[:, None] * scm + i[None, :] * sck, mask=rmask[:, None] & imask[None, :], other=0.0)
+            acc += tl.reduce(g.to(tl.float64)[:, :, None] * c.to(tl.float64)[:, None, :], 0, _sum)
     out_ptr = OUT + j.to(tl.int64)[:, None] * son + i[None, :] * sok
     omask = jmask[:, None] & imask[None, :]
     if OUT_F64:
@@ -212,34 +222,42 @@ def _work(interpreted: bool) -> int:
     return _INTERPRETED_WORK if interpreted else _WORK
 
 
-def plan_dots(rows, x2, res2, accumulate: bool, interpreted: bool) -> Launch:
-    """``res2 (+)= rows @ x2`` (``x2``: ``(n, k)``, ``res2``: ``(m, k)`` float64)."""
+def plan_dots(rows, x2, res2, accumulate: bool, interpreted: bool, block: int | None = None) -> Launch:
+    """``res2 (+)= rows @ x2`` (``x2``: ``(n, k)``, ``res2``: ``(m, k)`` float64); with ``block``,
+    per block of columns: ``res2`` is ``(nblocks, m)`` and ``k = 1``."""
     m, n = rows.shape
     k = x2.shape[1]
+    cols = n if block is None else block
+    nblocks = 1 if block is None else triton.cdiv(n, block)
+    # (block stride, row stride, column stride) of the output
+    so = (0, res2.stride(0), res2.stride(1)) if block is None else (res2.stride(0), res2.stride(1), 0)
     bk = _pow2(k)
     if interpreted:
         bm = min(16, _pow2(m))
     else:  # small row blocks keep many programs for the long reduction over n (module docstring)
         bm = 4 if m >= 512 else (2 if m >= 128 else 1)
-    bn = max(16, min(_pow2(n), _work(interpreted) // (bm * bk)))
+    bn = max(16, min(_pow2(cols), _work(interpreted) // (bm * bk)))
     args = (_stored(rows), rows.stride(0), rows.stride(1), x2, x2.stride(0), x2.stride(1),
-            res2, res2.stride(0), res2.stride(1), m, n, k)  # fmt: skip
+            res2, *so, m, n, k, cols)  # fmt: skip
     meta = dict(BF16=rows.dtype == torch.bfloat16, ACCUMULATE=accumulate, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-    return Launch(_dots_kernel, (triton.cdiv(m, bm),), args, meta)
+    return Launch(_dots_kernel, (triton.cdiv(m, bm), nblocks), args, meta)
 
 
-def plan_combine(rows, c2, res2, interpreted: bool) -> Launch:
-    """``res2 = rowsᵀ @ c2`` (``c2``: ``(m, k)``, ``res2``: ``(n, k)`` of any float dtype)."""
+def plan_combine(rows, c2, res2, interpreted: bool, block: int | None = None) -> Launch:
+    """``res2 = rowsᵀ @ c2`` (``c2``: ``(m, k)``, ``res2``: ``(n, k)`` of any float dtype); with
+    ``block``, ``c2`` is ``(nblocks, m)``, one row of coefficients per block of columns, and ``k = 1``."""
     m, n = rows.shape
-    k = c2.shape[1]
+    k = 1 if block is not None else c2.shape[1]
+    # (block stride, row stride, column stride) of the coefficients
+    sc = (0, c2.stride(0), c2.stride(1)) if block is None else (c2.stride(0), c2.stride(1), 0)
     bk = _pow2(k)
     bm = min(64 if interpreted else 8, _pow2(m))
     bn = max(16, min(_pow2(n), _work(interpreted) // (bm * bk)))
-    args = (_stored(rows), rows.stride(0), rows.stride(1), c2, c2.stride(0), c2.stride(1),
-            _stored(res2), res2.stride(0), res2.stride(1), m, n, k)  # fmt: skip
+    args = (_stored(rows), rows.stride(0), rows.stride(1), c2, *sc,
+            _stored(res2), res2.stride(0), res2.stride(1), m, n, k, n if block is None else block)  # fmt: skip
     meta = dict(
         BF16=rows.dtype == torch.bfloat16, OUT_F64=res2.dtype == torch.float64, OUT_BF16=res2.dtype == torch.bfloat16,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        BLOCKED=block is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
     )  # fmt: skip
     return Launch(_combine_kernel, (triton.cdiv(n, bn),), args, meta)
 
@@ -318,6 +336,28 @@ class TritonKernels:
             return res.zero_()
         res2 = res.unsqueeze(1) if vec else res
         plan_combine(rows, c2, res2, _is_interpreted(rows.device))(rows.device)
+        return res
+
+    def block_dots(self, rows, x, block):
+        nblocks = _checks.block_dots(rows, x, block)
+        m, n = rows.shape
+        res = torch.zeros(nblocks, m, dtype=torch.float64, device=rows.device)
+        if m and n:
+            x2 = _operand(x).unsqueeze(1)
+            plan_dots(rows, x2, res, False, _is_interpreted(rows.device), block)(rows.device)
+        return res
+
+    def block_combine(self, rows, coeffs, block, out_dtype=None):
+        _checks.block_combine(rows, coeffs, block, out_dtype)
+        m, n = rows.shape
+        dtype = out_dtype or _checks.default_out_dtype(rows.dtype)
+        res = torch.empty(n, dtype=dtype, device=rows.device)
+        if n == 0:
+            return res
+        if m == 0:
+            return res.zero_()
+        c2 = _operand(coeffs)
+        plan_combine(rows, c2, res.unsqueeze(1), _is_interpreted(rows.device), block)(rows.device)
         return res
 
     def gram(self, rows, out=None):
