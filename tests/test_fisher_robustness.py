@@ -276,3 +276,11 @@ def test_window_settings_moved_to_window_config(name: str) -> None:
         StaticFisherInverse(torch.randn(3, 10), 0.1, **{name: None})
     with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
         DynamicFisherInverse(10, 4, bogus=1)
+
+
+def test_shard_dir_is_a_path_or_none(tmp_path) -> None:
+    assert WindowConfig(shard_dir=tmp_path).shard_dir == str(tmp_path)  # PathLike -> str (Hydra, pickling)
+    assert WindowConfig().shard_dir is None
+    for bad in ("", 3):
+        with pytest.raises(ValueError, match=rf"shard_dir={bad!r} is invalid: expected a directory path or None"):
+            WindowConfig(shard_dir=bad)

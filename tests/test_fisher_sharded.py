@@ -1,6 +1,7 @@
 """A sharded window across 2 gloo CPU processes: every step equals the single-process window, the
-checkpoint holds column blocks (rank 0 receives the other shard by ``gather``, rank 1 keeps only its
-own), and resuming from it -- also into a different storage -- continues exactly."""
+checkpoint is one file per rank holding only that rank's columns plus a manifest (no rank sends or
+receives another rank's columns), and resuming from it -- also into a different storage, or from a
+moved shard directory -- continues exactly."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import sys
 import traceback
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -21,6 +23,30 @@ def _grads(n: int) -> torch.Tensor:
     return torch.stack([base + 0.5 * torch.randn(D, generator=gen, dtype=torch.float64) for _ in range(n)])
 
 
+class CollectiveCounter:
+    """Records the ``torch.distributed`` collectives called (by name) while active."""
+
+    NAMES = ("all_gather", "gather", "all_gather_into_tensor", "broadcast_object_list", "barrier", "all_reduce")
+
+    def __enter__(self):
+        self.calls: list[str] = []
+        self._saved = {name: getattr(dist, name) for name in self.NAMES}
+        for name, fn in self._saved.items():
+            setattr(dist, name, self._wrap(name, fn))
+        return self
+
+    def _wrap(self, name, fn):
+        def counted(*args, **kwargs):
+            self.calls.append(name)
+            return fn(*args, **kwargs)
+
+        return counted
+
+    def __exit__(self, *exc):
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+
+
 def _worker(rank: int, world: int, init: str, out: str) -> None:
     sys.path.insert(0, os.path.dirname(__file__))
     try:
@@ -29,31 +55,35 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
         grads = _grads(3 * M + 3)
-        sharded = DynamicFisherInverse(
-            D, M, DAMP, window=WindowConfig(dtype=torch.float64, storage="sharded")
-        )
+        config = WindowConfig(dtype=torch.float64, storage="sharded", shard_dir=out + "-shards")
+        sharded = DynamicFisherInverse(D, M, DAMP, window=config)
         single = DynamicFisherInverse(D, M, DAMP, window=WindowConfig(dtype=torch.float64, storage="device"))
         assert sharded.storage == "ShardedWindow"
         errs = []
         for g in grads[: 2 * M + 1]:
             errs.append(float((sharded.update_mul(g) - single.update_mul(g)).abs().max()))
-        state = sharded.state_dict()
-        blocks = state["window"]["blocks"]
-        covered = sorted((c0, c1) for c0, c1, _ in blocks)
+        with CollectiveCounter() as collectives:
+            state = sharded.state_dict()
+        manifest = state["window"]
+        assert manifest["format"] == "mfac-window-sharded/1" and "blocks" not in manifest
         lo, hi = sharded.window.local_bounds()
+        assert manifest["files"][rank][:2] == (lo, hi)
+        mine = torch.load(os.path.join(manifest["directory"], manifest["files"][rank][2]), weights_only=True)
+        covered = sorted((c0, c1) for c0, c1, _ in mine["blocks"])
         if rank == 0:
             torch.save(state, out + ".ckpt")
         dist.barrier()
         loaded = torch.load(out + ".ckpt", weights_only=False)
-        resumed = DynamicFisherInverse(
-            D, M, DAMP, window=WindowConfig(dtype=torch.float64, storage="sharded")
-        )
+        resumed = DynamicFisherInverse(D, M, DAMP, window=config)
         resumed.load_state_dict(loaded)
         for g in grads[2 * M + 1 :]:
             a, b = resumed.update_mul(g), single.update_mul(g)
             errs.append(float((a - b).abs().max()))
             assert torch.equal(a, sharded.update_mul(g))  # resume is exact
-        torch.save({"errs": errs, "covered": covered, "local": (lo, hi)}, f"{out}.{rank}")
+        torch.save(
+            {"errs": errs, "covered": covered, "local": (lo, hi), "collectives": collectives.calls},
+            f"{out}.{rank}",
+        )
         dist.destroy_process_group()
     except Exception:  # pragma: no cover - reported through the file
         torch.save({"error": traceback.format_exc()}, f"{out}.{rank}")
@@ -67,19 +97,31 @@ def test_sharded_window_steps_checkpoint_and_resume(tmp_path) -> None:
     for r, res in enumerate(results):
         assert "error" not in res, f"rank {r}:\n{res.get('error')}"
         assert max(res["errs"]) < 1e-10
-    # Rank 0's checkpoint covers all columns (both shards), rank 1's only its own.
-    assert results[0]["covered"][0][0] == 0 and results[0]["covered"][-1][1] == D
-    lo, hi = results[1]["local"]
-    assert all(lo <= c0 < c1 <= hi for c0, c1 in results[1]["covered"])
-    # The checkpoint also restores into a single-process window.
+    # Each rank's file holds exactly its own columns, and saving moved no window data between ranks:
+    # rank 0 broadcasts the save's name, then a barrier.
+    for res in results:
+        lo, hi = res["local"]
+        assert res["covered"][0][0] == lo and res["covered"][-1][1] == hi
+        assert all(lo <= c0 < c1 <= hi for c0, c1 in res["covered"])
+        assert res["collectives"] == ["broadcast_object_list", "barrier"]
+    assert results[0]["local"][1] == results[1]["local"][0] and results[1]["local"][1] == D
+    # The checkpoint also restores into a single-process window (reading both files), from where the
+    # shards were written or, once moved, from the directory the config names.
     from lightning_mfac.fisher import DynamicFisherInverse, WindowConfig
 
     state = torch.load(out + ".ckpt", weights_only=False)
+    ref = DynamicFisherInverse(D, M, DAMP, window=WindowConfig(dtype=torch.float64))
+    for g in _grads(3 * M + 3)[: 2 * M + 1]:
+        ref.update_mul(g)
     single = DynamicFisherInverse(
         D, M, DAMP, window=WindowConfig(dtype=torch.float64, storage="paged", page_cols=5)
     )
     single.load_state_dict(state)
-    ref = DynamicFisherInverse(D, M, DAMP, window=WindowConfig(dtype=torch.float64))
-    for g in _grads(3 * M + 3)[: 2 * M + 1]:
-        ref.update_mul(g)
     torch.testing.assert_close(single.window.to_dense(), ref.window.to_dense(), rtol=0, atol=0)
+    moved = tmp_path / "moved"
+    os.rename(state["window"]["directory"], moved)
+    with pytest.raises(FileNotFoundError, match=r"rank00000-of-00002.pt.*copy the shard directory.*shard_dir"):
+        single.load_state_dict(state)
+    relocated = DynamicFisherInverse(D, M, DAMP, window=WindowConfig(dtype=torch.float64, shard_dir=moved))
+    relocated.load_state_dict(state)
+    torch.testing.assert_close(relocated.window.to_dense(), ref.window.to_dense(), rtol=0, atol=0)

@@ -375,16 +375,21 @@ def test_ddp_sharded_equals_single_process(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in launcher}
     env["PYTHONPATH"] = str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", "")
     out = {}
-    for mode in ("single", "ddp"):
-        path = tmp_path / f"{mode}.pt"
+    for mode in ("single", "ddp", "ddp32", "ddp32-resume"):
+        (tmp_path / mode).mkdir()
+        path = tmp_path / mode / "result.pt"
         proc = subprocess.run(
             [sys.executable, str(DDP_SCRIPT), mode, str(path)], env=env, capture_output=True, text=True, timeout=240
         )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         out[mode] = torch.load(path, weights_only=False)
-    assert out["ddp"]["storage"] == "ShardedWindow"
+    assert out["ddp"]["storage"] == out["ddp32-resume"]["storage"] == "ShardedWindow"
     assert out["single"]["storage"] == "DeviceWindow"
     assert torch.allclose(out["ddp"]["params"], out["single"]["params"], rtol=0, atol=1e-10)
+    # Resumed from a checkpoint whose window is one file per rank, beside the run's logs.
+    shards = out["ddp32-resume"]["shards"]
+    assert len(shards) == 2 and shards[0].endswith("rank00000-of-00002.pt") and shards[1].endswith("rank00001-of-00002.pt")
+    assert torch.equal(out["ddp32-resume"]["params"], out["ddp32"]["params"])
 
 
 # ---------------------------------------------------------------------- no host reads in the step

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from typing import Any
 
 import lightning.pytorch as pl
@@ -68,7 +70,9 @@ class MFACPreconditioner(Callback):
             ``λ = δ·mean(diag GGᵀ)/m`` (``damp_mode="relative"``: follows the gradients' scale).
         weight_decay: added to the gradient before preconditioning (leave the optimizer's at 0).
         window: a :class:`~lightning_mfac.fisher.config.WindowConfig` or a mapping of its fields
-            (dtype, storage, page_cols, page_budget_bytes, refactor_every, kernels, process_group).
+            (dtype, storage, page_cols, page_budget_bytes, refactor_every, kernels, process_group,
+            shard_dir). Under DDP the window is sharded by default and checkpointed as one file per
+            rank in ``shard_dir`` (default: ``<trainer.log_dir>/mfac-window-shards``).
         params: ``None`` for all trainable parameters of the optimizer, else names / ``"re:<regex>"``.
         optimizers: ``None`` for every optimizer of the run, else the index or indices to precondition.
         save_window: include the window in checkpoints.
@@ -129,6 +133,12 @@ class MFACPreconditioner(Callback):
             return
         check_strategy(trainer.strategy, "MFACPreconditioner")
         self._start_fit()
+        if self.window.shard_dir is None and trainer.world_size > 1:
+            # A sharded window writes one checkpoint file per rank: beside the run's logs, which
+            # every rank resolves to the same path (``log_dir`` is broadcast from rank 0).
+            self._window = self.window.replace(
+                shard_dir=os.path.join(trainer.log_dir or trainer.default_root_dir, "mfac-window-shards")
+            )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.optimizers is not None and max(self.optimizers) >= len(trainer.optimizers):
@@ -234,6 +244,7 @@ class MFACPreconditioner(Callback):
     def _start_fit(self) -> None:
         """Forget everything of a previous fit: windows, parameters, pending state, counters."""
         self._pre: dict[int, FlatPreconditioner] = {}
+        self._window = self.window  # with the run's shard directory once ``setup`` knows it
         self._grafts: dict[int, Any] = {}
         self._names: dict[int, list[str]] = {}
         self._signatures: dict[int, tuple[int, ...]] = {}
@@ -265,7 +276,7 @@ class MFACPreconditioner(Callback):
             params,
             self.ngrads,
             self.damp,
-            window=self.window,
+            window=self._window,
             owner="MFACPreconditioner",
             names=names,
             damp_mode=self.damp_mode,

@@ -8,6 +8,7 @@ repeating the settings, and validation happens here, once, when the config is bu
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,10 @@ class WindowConfig:
         kernels: implementation of the window passes: ``"auto"``, ``"triton"``, ``"cpu"`` or ``"torch"``.
         capture: ``"auto"``, ``"off"`` or ``"cuda_graph"`` (see :data:`CAPTURES`).
         process_group: ``torch.distributed`` group of a sharded window (default: the world).
+        shard_dir: directory, shared by all ranks, where a sharded window writes its checkpoint: one
+            file per rank holding only that rank's columns (docs/design.md, "Checkpoint layout").
+            Default: ``./mfac-window-shards`` of rank 0's working directory; ``MFACPreconditioner``
+            puts it in the trainer's log directory.
     """
 
     dtype: torch.dtype | None = None
@@ -48,8 +53,13 @@ class WindowConfig:
     kernels: str = "auto"
     capture: str = "auto"
     process_group: Any = dataclasses.field(default=None, compare=False)
+    shard_dir: str | None = None
 
     def __post_init__(self) -> None:
+        if self.shard_dir is not None:
+            if not isinstance(self.shard_dir, (str, os.PathLike)) or not str(self.shard_dir):
+                raise ValueError(f"shard_dir={self.shard_dir!r} is invalid: expected a directory path or None.")
+            object.__setattr__(self, "shard_dir", os.fspath(self.shard_dir))
         if self.dtype is not None:
             object.__setattr__(self, "dtype", check.window_dtype("dtype", self.dtype))
         check.one_of("storage", self.storage, STORAGES)

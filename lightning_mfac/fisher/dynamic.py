@@ -98,6 +98,7 @@ class DynamicFisherInverse:
             self.config.page_budget_bytes,
             self.config.process_group,
             self.config.kernels,
+            self.config.shard_dir,
         )
         self.storage = type(self.window).__name__
         self.cdtype = compute_dtype(self.dtype)
@@ -237,7 +238,7 @@ class DynamicFisherInverse:
         if "drift_tol" in state:
             self._drift_tol.fill_(float(state["drift_tol"]))
             self._guarded, self._rejections = bool(state["guarded"]), int(state["rejections"])
-        self.window.load_state_dict(state["window"])
+        self.window.load_state_dict(state["window"], shard_dir=self.config.shard_dir)
         if "core" not in state:
             self._load_legacy(state)
             return

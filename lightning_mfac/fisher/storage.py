@@ -19,12 +19,16 @@ Layouts:
                   streamed to the device a page at a time with the next page's copy in flight on a
                   side stream; host-side writes wait for that stream first.
 ``ShardedWindow`` under ``torch.distributed``: each rank stores a contiguous 1/world slice of the
-                  coordinates; dot products and Grams are all-reduced, combinations all-gathered.
+                  coordinates; dot products and Grams are all-reduced, combinations all-gathered;
+                  checkpointed as one file per rank plus a manifest (no rank sees another's columns).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
@@ -43,6 +47,11 @@ PAGE_BUDGET_FRACTION = 0.25
 CHECKPOINT_BLOCK_BYTES = 64 << 20
 #: Version tag of the checkpoint layout (docs/design.md, "Checkpoint layout").
 CHECKPOINT_FORMAT = "mfac-window/1"
+#: A sharded window's checkpoint: a manifest of per-rank files, each in ``SHARD_FILE_FORMAT``.
+SHARDED_CHECKPOINT_FORMAT = "mfac-window-sharded/1"
+SHARD_FILE_FORMAT = "mfac-window-shard/1"
+#: Where a sharded window writes its per-rank files when its config names no ``shard_dir``.
+DEFAULT_SHARD_DIR = "mfac-window-shards"
 
 
 def itemsize(dtype: torch.dtype) -> int:
@@ -148,24 +157,28 @@ class WindowStorage(ABC):
             "blocks": blocks,
         }
 
-    def load_state_dict(self, state: dict[str, Any] | torch.Tensor) -> None:
+    def load_state_dict(self, state: dict[str, Any] | torch.Tensor, shard_dir: str | None = None) -> None:
         """Restore from :meth:`state_dict` (any storage, page geometry or shard split) or from a
-        dense ``(m, d)`` tensor (older checkpoints). Blocks outside this process's columns are skipped."""
+        dense ``(m, d)`` tensor (older checkpoints). Blocks outside this process's columns are skipped.
+        A sharded checkpoint's files are looked up in ``shard_dir`` first, then where they were written."""
+        lo, hi = self.local_bounds()
         if isinstance(state, torch.Tensor):
             blocks = [(0, self.dim, state)]
         else:
             if (
-                state.get("format") != CHECKPOINT_FORMAT
+                state.get("format") not in (CHECKPOINT_FORMAT, SHARDED_CHECKPOINT_FORMAT)
                 or state["rows"] != self.rows
                 or state["dim"] != self.dim
             ):
                 raise ValueError(
                     f"window checkpoint (format={state.get('format')!r}, rows={state.get('rows')}, "
-                    f"dim={state.get('dim')}) does not match this window ({CHECKPOINT_FORMAT!r}, "
-                    f"rows={self.rows}, dim={self.dim})."
+                    f"dim={state.get('dim')}) does not match this window ({CHECKPOINT_FORMAT!r} or "
+                    f"{SHARDED_CHECKPOINT_FORMAT!r}, rows={self.rows}, dim={self.dim})."
                 )
-            blocks = state["blocks"]
-        lo, hi = self.local_bounds()
+            if state["format"] == SHARDED_CHECKPOINT_FORMAT:
+                blocks = _shard_file_blocks(state, lo, hi, shard_dir)
+            else:
+                blocks = state["blocks"]
         self.zero_()
         for c0, c1, block in blocks:
             a, b = max(lo, c0), min(hi, c1)
@@ -426,8 +439,11 @@ class PagedWindow(WindowStorage):
 class ShardedWindow(WindowStorage):
     """Each rank stores coordinates ``[lo, hi)`` of a contiguous 1/world split of ``d`` in ``local``."""
 
-    def __init__(self, local: WindowStorage, dim: int, lo: int, hi: int, group=None) -> None:
+    def __init__(
+        self, local: WindowStorage, dim: int, lo: int, hi: int, group=None, shard_dir: str | None = None
+    ) -> None:
         self.local, self.dim, self.lo, self.hi, self.group = local, dim, lo, hi, group
+        self.shard_dir = shard_dir
         self.rows, self.dtype, self.device, self.kernels = (
             local.rows,
             local.dtype,
@@ -516,31 +532,35 @@ class ShardedWindow(WindowStorage):
         self.local.zero_()
 
     def state_dict(self) -> dict[str, Any]:
-        """Each rank's own column blocks; rank 0 also receives the other ranks' blocks, one block at
-        a time through ``gather`` (never an all-gather), because a single-file checkpoint (Lightning's
-        DDP) is written from rank 0. A rank never holds another rank's shard on its device."""
-        mine = WindowStorage.state_dict(self)
-        width = self._block_cols()
-        nblocks = math.ceil(self.shard / width)
-        blocks = []
-        for k in range(nblocks):
-            lo = self.lo + k * width
-            hi = min(self.hi, lo + width)
-            part = self.read_columns(lo, hi) if lo < hi else torch.empty(self.rows, 0, dtype=self.dtype)
-            padded = torch.zeros(self.rows, width, dtype=self.dtype)
-            padded[:, : part.shape[1]] = part
-            padded = padded.to(self.device)
-            bucket = [torch.empty_like(padded) for _ in range(self.world)] if self.rank == 0 else None
-            dist.gather(padded, bucket, dst=0, group=self.group)
-            if self.rank == 0:
-                for r, got in enumerate(bucket):
-                    rlo, rhi = self.bounds(self.dim, r, self.world)
-                    a, b = rlo + k * width, min(rhi, rlo + (k + 1) * width)
-                    if a < b:
-                        blocks.append((a, b, got[:, : b - a].cpu()))
+        """Write this rank's column blocks to its own file and return the manifest of all ranks'
+        files (docs/design.md, "Checkpoint layout"). Collective: rank 0 names the save (so a new
+        checkpoint never overwrites the files an older one refers to) and every rank has written its
+        file when any rank returns. No rank holds, sends or receives another rank's columns."""
+        root = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+        named = [None]
         if self.rank == 0:
-            mine["blocks"] = blocks
-        return mine
+            directory = os.path.abspath(self.shard_dir or DEFAULT_SHARD_DIR)
+            named = [(directory, f"window-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}")]
+        dist.broadcast_object_list(named, src=root, group=self.group)
+        directory, tag = named[0]
+        files = [(*self.bounds(self.dim, r, self.world), f"{tag}-rank{r:05d}-of-{self.world:05d}.pt")
+                 for r in range(self.world)]  # fmt: skip
+        mine = WindowStorage.state_dict(self)
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, files[self.rank][2])
+        # Written under a temporary name and renamed: a crash mid-write leaves no truncated file
+        # under the name a checkpoint refers to.
+        torch.save({**mine, "format": SHARD_FILE_FORMAT, "lo": self.lo, "hi": self.hi}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        dist.barrier(group=self.group)
+        return {
+            "format": SHARDED_CHECKPOINT_FORMAT,
+            "rows": self.rows,
+            "dim": self.dim,
+            "dtype": str(self.dtype),
+            "directory": directory,
+            "files": files,
+        }
 
     def to_dense(self) -> torch.Tensor:
         # Collective: the full window on every rank, for tests only.
@@ -550,6 +570,27 @@ class ShardedWindow(WindowStorage):
                 for j in range(self.rows)
             ]
         )
+
+
+def _shard_file_blocks(state: dict[str, Any], lo: int, hi: int, shard_dir: str | None):
+    """The column blocks of a sharded checkpoint that overlap ``[lo, hi)``, read file by file (memory
+    mapped, so only the blocks used are read): one file when the shard split is unchanged. Files are
+    looked up in ``shard_dir`` first (a moved run directory), then where they were written."""
+    for c0, c1, name in state["files"]:
+        if c1 <= lo or c0 >= hi:
+            continue
+        candidates = [os.path.join(d, name) for d in (shard_dir, state["directory"]) if d]
+        path = next((p for p in candidates if os.path.exists(p)), None)
+        if path is None:
+            raise FileNotFoundError(
+                f"sharded window checkpoint: the file {name!r} for columns [{c0}, {c1}) is in none of "
+                f"{[os.path.dirname(p) for p in candidates]}; copy the shard directory along with the "
+                "checkpoint, or set WindowConfig(shard_dir=...) to where it is now."
+            )
+        shard = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        if shard.get("format") != SHARD_FILE_FORMAT or shard["rows"] != state["rows"] or shard["dim"] != state["dim"]:
+            raise ValueError(f"{path} is not a shard of this checkpoint (format={shard.get('format')!r}).")
+        yield from shard["blocks"]
 
 
 def default_page_cols(rows: int, item: int, device: torch.device, budget_bytes: int | None) -> int:
@@ -574,6 +615,7 @@ def make_window(
     page_budget_bytes: int | None = None,
     process_group=None,
     kernels: str | WindowKernels = "auto",
+    shard_dir: str | None = None,
 ) -> WindowStorage:
     """Build a window; ``storage="auto"`` picks ``sharded`` under an initialized process group of
     more than one rank, else ``device`` if the window takes at most ``AUTO_DEVICE_FRACTION`` of free
@@ -595,7 +637,7 @@ def make_window(
             "device" if device.type != "cuda" else resolve_auto_storage(rows, hi - lo, dtype, device, None)
         )
         local = make_window(rows, hi - lo, dtype, device, inner, page_cols, page_budget_bytes, None, kernels)
-        return ShardedWindow(local, dim, lo, hi, process_group)
+        return ShardedWindow(local, dim, lo, hi, process_group, shard_dir)
     if storage == "paged":
         return PagedWindow(rows, dim, dtype, device, page_cols, page_budget_bytes, kernels)
     return DeviceWindow(rows, dim, dtype, device, kernels)

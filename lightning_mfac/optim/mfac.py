@@ -64,7 +64,7 @@ class MFAC(Optimizer):
         window: how the window is stored and multiplied: a
             :class:`~lightning_mfac.fisher.config.WindowConfig`, a mapping of its fields
             (``dtype``, ``storage``, ``page_cols``, ``page_budget_bytes``, ``refactor_every``,
-            ``kernels``, ``process_group``) or ``None`` for the defaults.
+            ``kernels``, ``process_group``, ``shard_dir``) or ``None`` for the defaults.
         graft: ``None``, ``"sgd"`` or ``"adam"``: rescale ``u_t`` per parameter tensor to the norm of
             that method's direction on the same gradient, before momentum, so an lr tuned for
             SGD/Adam carries over (:mod:`lightning_mfac.optim.grafting`; Adam's moments are saved
