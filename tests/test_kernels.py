@@ -174,6 +174,34 @@ def test_column_block_passes_match_float64(impl: str, dtype: torch.dtype, block:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block", [7, 128, N + 5], ids=lambda b: f"B{b}")
+def test_block_woodbury_is_the_blocked_inverse(impl: str, dtype: torch.dtype, block: int) -> None:
+    """``block_woodbury`` (the blocked static ``mul``, fused on the CPU) against each block's dense
+    float64 ``(λI + G_bᵀG_b/m)⁻¹ x_b``, with the factors of ``m·λ·I + G_b G_bᵀ``, written into ``out``."""
+    kern = resolve_kernels(impl, "cpu")
+    rows = window(dtype, M, N, sliced=True)
+    rows64 = rows.to(torch.float64)
+    damp = 1e-2
+    x = torch.randn(N, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    spans = [slice(b, min(N, b + block)) for b in range(0, N, block)]
+    eye = torch.eye(M, dtype=torch.float64)
+    factor = torch.stack([torch.linalg.cholesky(rows64[:, s] @ rows64[:, s].T + M * damp * eye) for s in spans])
+    ref = torch.cat([
+        torch.linalg.solve(damp * torch.eye(s.stop - s.start, dtype=torch.float64) + rows64[:, s].T @ rows64[:, s] / M, x[s])
+        for s in spans
+    ])  # fmt: skip
+    out = torch.full((N,), float("nan"), dtype=torch.float64)
+    got = kern.block_woodbury(rows, x, block, factor, damp, out=out)
+    assert got is out
+    assert relerr(out, ref) < 1e-11
+    with pytest.raises(ValueError, match=r"factor has shape .*expected float64 \(nblocks, m, m\)"):
+        kern.block_woodbury(rows, x, block, factor[:, 1:, 1:], damp)
+    with pytest.raises(ValueError, match="damp=0 is invalid"):
+        kern.block_woodbury(rows, x, block, factor, 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_column_block_passes_refuse_bad_blocks(impl: str) -> None:
     kern = resolve_kernels(impl, "cpu")
     rows = torch.zeros(4, 10)

@@ -146,7 +146,8 @@ class StaticFisherInverse:
             for c0, _, tile in store.column_tiles():
                 b0, blocks = self._blocks_of(c0, tile)
                 gram[b0 : b0 + blocks.shape[0]] += blocks @ blocks.transpose(1, 2)
-        self._factor = spd_cholesky(gram + m * lam * eye, m * lam)
+        # Row-major factors: the CPU kernel reads each block's factor in place.
+        self._factor = spd_cholesky(gram + m * lam * eye, m * lam).contiguous()
         for c0, c1, tile in store.column_tiles():
             b0, blocks = self._blocks_of(c0, tile)
             q = torch.linalg.solve_triangular(self._factor[b0 : b0 + blocks.shape[0]], blocks, upper=False)
@@ -204,23 +205,16 @@ class StaticFisherInverse:
         return out
 
     def _mul_blocked_vector(self, x: torch.Tensor) -> torch.Tensor:
-        """Every block's ``G_b x_b`` in one column-block pass per tile, the ``m × m`` solves batched,
-        every block's ``G_bᵀ c_b`` in a second pass: two float64-accumulating reads of ``G``, as for
-        the full inverse (tiles hold whole blocks)."""
-        b, kern = self.block_size, self.kernels
-        u = torch.empty(self.nblocks, self.ngrads, dtype=torch.float64, device=self.device)
-        for c0, c1, tile in self._window.column_tiles():
-            part = kern.block_dots(tile, x[c0:c1], b)
-            u[c0 // b : c0 // b + part.shape[0]] = part
-        # Two batched triangular solves: 5x faster than the batched cholesky_solve on the CPU, whose
-        # per-block LAPACK calls dominate when there are thousands of blocks.
-        y = torch.linalg.solve_triangular(self._factor, u.unsqueeze(2), upper=False)
-        c = torch.linalg.solve_triangular(self._factor.mT, y, upper=True).squeeze(2)
+        """Tile by tile (tiles hold whole blocks), every block's ``(x_b − G_bᵀ S_b⁻¹ G_b x_b)/λ``
+        through the kernels' ``block_woodbury``: one float64-accumulating read of ``G`` per block
+        on the CPU, two column-block passes around batched solves on other devices."""
+        b = self.block_size
         out = torch.empty_like(x)
         for c0, c1, tile in self._window.column_tiles():
             nb = -(-(c1 - c0) // b)
-            out[c0:c1] = kern.block_combine(tile, c[c0 // b : c0 // b + nb], b, out_dtype=torch.float64)
-        return out.sub_(x).mul_(-1.0 / self.damp)
+            factor = self._factor[c0 // b : c0 // b + nb]
+            self.kernels.block_woodbury(tile, x[c0:c1], b, factor, self.damp, out=out[c0:c1])
+        return out
 
     def _mul_direct(self, x: torch.Tensor) -> torch.Tensor:
         b, k = self.block_size, x.shape[1]

@@ -11,6 +11,9 @@ own width, and accumulates in float64 (docs/design.md, "Numerics"):
   block of ``B`` consecutive columns (the block-diagonal static inverse): ``(nblocks, m)`` sums, and
   ``(n,)`` with the coefficients ``c[j // B]`` for column ``j``; vectors only, still one read of
   the window (one launch on Triton)
+* ``block_woodbury(rows, x, B, L, λ)`` → ``(x_b − G_bᵀ (L_b L_bᵀ)⁻¹ G_b x_b)/λ`` per block: the blocked
+  static ``mul``; fused block by block on the CPU (one read of the window), two block passes
+  around batched triangular solves elsewhere
 
 ``out=`` accumulates (``out += …``) for ``dots``/``gram`` so that paged and sharded storages sum
 page contributions without a temporary; ``combine`` writes into ``out``.
@@ -64,6 +67,16 @@ class WindowKernels(Protocol):
 
     def block_combine(
         self, rows: torch.Tensor, coeffs: torch.Tensor, block: int, out_dtype: torch.dtype | None = None
+    ) -> torch.Tensor: ...
+
+    def block_woodbury(
+        self,
+        rows: torch.Tensor,
+        x: torch.Tensor,
+        block: int,
+        factor: torch.Tensor,
+        damp: float,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
 

@@ -116,3 +116,21 @@ def block_combine(rows, coeffs, block, out_dtype) -> int:
     if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
         raise TypeError(f"out_dtype={out_dtype!r} is not supported: expected a floating-point torch.dtype.")
     return nblocks
+
+
+def block_woodbury(rows, x, block, factor, damp, out=None) -> int:
+    """Checks of ``block_woodbury``; returns the number of blocks."""
+    m, _ = _rows(rows)
+    nblocks = block_dots(rows, x, block)
+    _tensor("factor", factor)
+    if tuple(factor.shape) != (nblocks, m, m) or factor.dtype != torch.float64:
+        raise ValueError(
+            f"factor has shape {tuple(factor.shape)} and dtype {factor.dtype}: expected float64 "
+            f"(nblocks, m, m) = {(nblocks, m, m)} lower-triangular Cholesky factors."
+        )
+    if factor.device != rows.device:
+        raise ValueError(f"factor is on {factor.device} but rows is on {rows.device}.")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0:
+        raise ValueError(f"damp={damp!r} is invalid: expected a positive float.")
+    _out(out, (rows.shape[1],), rows, torch.float64)
+    return nblocks

@@ -14,8 +14,9 @@ bfloat16 or float64) is widened to float64 in a register, multiplied and summed 
   and adds 8 rows per sweep into them (one load and store of an accumulator per 8 values read).
 * The *column-block* passes (``block_dots``/``block_combine``: a block-diagonal Fisher, each block
   of ``B`` consecutive columns with its own ``x`` sums or coefficients) run the vector passes over
-  every block inside one compiled call, so the static blocked ``mul`` costs two window reads and
-  no Python per block.
+  every block inside one compiled call; ``block_woodbury`` (the whole blocked static ``mul``)
+  goes block after block through ``dots``, the two ``m × m`` triangular solves and ``combine``,
+  so each block is read from memory once and re-read from cache.
 * The block forms (``x`` or ``c`` with ``k`` columns) reuse each row tile from L1 for the ``k``
   columns: exact and bounded like the vector forms, but not tuned (measured 1.2–11× a float32 GEMM
   at k = 4–16, d = 1e6); the dynamic step and the static ``mul`` of one vector use the vector forms.
@@ -155,11 +156,23 @@ def _dots_mat(g, ld, m, n, xt, out):
 def _combine_vec(g, ld, m, n, c, out, acc):
     """``out[j] = Σ_r g[r·ld + j] · c[r]``: float64 accumulators (``acc``, ``COMBINE_TILE`` of them)
     for a column tile, 8 rows added per sweep, rounded once to ``out``'s dtype."""
+    _combine_vec_affine(g, ld, m, n, c, out, acc, acc[:0], 1.0)
+
+
+@numba.njit(**_JIT)
+def _combine_vec_affine(g, ld, m, n, c, out, acc, start, scale):
+    """``out[j] = (start[j] + Σ_r g[r·ld + j] · c[r]) · scale`` (``start`` empty: zero): the combine
+    with the Woodbury step's subtraction and scaling folded into its one store."""
     for c0 in range(0, n, COMBINE_TILE):
         w = min(COMBINE_TILE, n - c0)
         a = acc[:w]
-        for j in range(w):
-            a[j] = 0.0
+        if start.shape[0]:
+            st = start[c0 : c0 + w]
+            for j in range(w):
+                a[j] = st[j]
+        else:
+            for j in range(w):
+                a[j] = 0.0
         r = 0
         while r + 8 <= m:
             b = r * ld + c0
@@ -187,7 +200,7 @@ def _combine_vec(g, ld, m, n, c, out, acc):
             r += 1
         o = out[c0 : c0 + w]
         for j in range(w):
-            o[j] = a[j]
+            o[j] = a[j] * scale
 
 
 @numba.njit(**_JIT)
@@ -207,6 +220,40 @@ def _block_combine_vec(g, ld, m, n, block, c, out):
     for c0 in range(0, n, block):
         w = min(block, n - c0)
         _combine_vec(g[c0:], ld, m, w, c[c0 // block], out[c0 : c0 + w], acc)
+
+
+@numba.njit(**_JIT)
+def _block_woodbury_vec(g, ld, m, n, block, x, factor, damp, out):
+    """``out_b = (x_b − G_bᵀ (L_b L_bᵀ)⁻¹ G_b x_b) / λ`` for every block ``b`` of ``block`` columns,
+    block after block: the block's rows are read from memory by ``dots`` and re-read from cache by
+    ``combine`` (a block of ``m × B`` values that fits in L2 costs one read of the window)."""
+    acc = np.empty(COMBINE_TILE, dtype=np.float64)
+    u = np.empty(m, dtype=np.float64)
+    neg_x = np.empty(min(block, n), dtype=np.float64)
+    scale = -1.0 / damp  # (−x + Gᵀc)·(−1/λ), as the reference path: no division per value
+    for c0 in range(0, n, block):
+        w = min(block, n - c0)
+        lf = factor[c0 // block]
+        for r in range(m):
+            u[r] = 0.0
+        xs = x[c0 : c0 + w]
+        _dots_vec(g[c0:], ld, m, w, xs, u)
+        for i in range(m):  # L y = u
+            s = u[i]
+            row = lf[i]
+            for j in range(i):
+                s -= row[j] * u[j]
+            u[i] = s / row[i]
+        for i in range(m - 1, -1, -1):  # Lᵀ c = y, by rows of L (contiguous, vectorizes)
+            ci = u[i] / lf[i, i]
+            u[i] = ci
+            row = lf[i]
+            for j in range(i):
+                u[j] -= row[j] * ci
+        nx = neg_x[:w]
+        for j in range(w):
+            nx[j] = -np.float64(xs[j])
+        _combine_vec_affine(g[c0:], ld, m, w, u, out[c0 : c0 + w], acc, nx, scale)
 
 
 @numba.njit(**_JIT)
@@ -348,6 +395,19 @@ class CpuKernels:
         c = _np(coeffs.to(torch.float64).contiguous())
         _block_combine_vec(g, ld, m, n, block, c, _np(res))
         return res if direct else res.to(dtype)
+
+    def block_woodbury(self, rows, x, block, factor, damp, out=None):
+        _checks.block_woodbury(rows, x, block, factor, damp, out)
+        flat = _flat(rows) if rows.numel() else None
+        if flat is None:
+            return self._reference.block_woodbury(rows, x, block, factor, damp, out)
+        g, ld = flat
+        m, n = rows.shape
+        res = out if out is not None and out.is_contiguous() else torch.empty(n, dtype=torch.float64)
+        _block_woodbury_vec(
+            g, ld, m, n, block, _np(x.to(torch.float64).contiguous()), _np(factor.contiguous()), float(damp), _np(res)
+        )
+        return res if out is None or res is out else out.copy_(res)
 
     def gram(self, rows, out=None):
         _checks.gram(rows, out)

@@ -11,6 +11,19 @@ from lightning_mfac.fisher.kernels import _checks
 TILE_ELEMS = 1 << 18
 
 
+def two_pass_block_woodbury(kern, rows, x, block, factor, damp, out=None):
+    """``block_woodbury`` as two column-block passes of ``kern`` around batched triangular solves
+    (two reads of the window: the composition the Triton and reference paths use)."""
+    _checks.block_woodbury(rows, x, block, factor, damp, out)
+    u = kern.block_dots(rows, x, block)
+    # Two batched triangular solves: 5x faster than a batched cholesky_solve on the CPU, whose
+    # per-block LAPACK calls dominate when there are thousands of blocks.
+    y = torch.linalg.solve_triangular(factor, u.unsqueeze(2), upper=False)
+    c = torch.linalg.solve_triangular(factor.mT, y, upper=True).squeeze(2)
+    res = kern.block_combine(rows, c, block, out_dtype=torch.float64).sub_(x).mul_(-1.0 / damp)
+    return res if out is None else out.copy_(res)
+
+
 class TorchKernels:
     """Reference path: widen a bounded column tile to float64, multiply with BLAS."""
 
@@ -77,6 +90,9 @@ class TorchKernels:
             part = torch.einsum("mbj,bm->bj", tile, c64[b0 : b0 + tile.shape[1]])
             res[c0:c1] = part.flatten()[: c1 - c0]
         return res
+
+    def block_woodbury(self, rows, x, block, factor, damp, out=None):
+        return two_pass_block_woodbury(self, rows, x, block, factor, damp, out)
 
     def gram(self, rows, out=None):
         _checks.gram(rows, out)

@@ -41,6 +41,7 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 from lightning_mfac.fisher.kernels import _checks
+from lightning_mfac.fisher.kernels.reference import two_pass_block_woodbury
 
 #: ``tl.sum`` and ``tl.zeros`` are themselves ``@triton.jit`` functions, which the interpreter can only
 #: call when ``TRITON_INTERPRET=1`` was set before Triton was imported. The kernels use the builtins
@@ -359,6 +360,9 @@ class TritonKernels:
         c2 = _operand(coeffs)
         plan_combine(rows, c2, res.unsqueeze(1), _is_interpreted(rows.device), block)(rows.device)
         return res
+
+    def block_woodbury(self, rows, x, block, factor, damp, out=None):
+        return two_pass_block_woodbury(self, rows, x, block, factor, damp, out)
 
     def gram(self, rows, out=None):
         _checks.gram(rows, out)
