@@ -39,13 +39,16 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("page_cols", [None, 7, 16])
+@pytest.mark.parametrize(
+    ("storage", "page_cols"), [("device", None), ("device", 7), ("device", 16), ("paged", 7)]
+)
 @pytest.mark.parametrize(("m", "d", "block_size"), CASES)
-def test_matches_dense_inverse(m: int, d: int, block_size: int | None, page_cols: int | None) -> None:
+def test_matches_dense_inverse(m: int, d: int, block_size: int | None, storage: str, page_cols: int | None) -> None:
     damp = 0.05
     grads = make_grads(m, d, seed=m * 1000 + d)
     ref = dense_inverse(grads, damp, None if block_size is None else min(block_size, d))
-    inv = StaticFisherInverse(grads, damp, block_size=block_size, window=WindowConfig(page_cols=page_cols))
+    window = WindowConfig(storage=storage, page_cols=page_cols)
+    inv = StaticFisherInverse(grads, damp, block_size=block_size, window=window)
 
     torch.testing.assert_close(inv.diag(), torch.diagonal(ref), rtol=1e-10, atol=0)
 

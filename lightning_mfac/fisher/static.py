@@ -15,8 +15,9 @@ column tile, from float64 tiles of ``L⁻¹G``; ``entries`` solves with the colu
 
 With ``block_size=B`` F is block-diagonal over consecutive blocks of ``B`` coordinates (the last
 one may be shorter). Blocks with ``B > m`` use the same Woodbury form per block (a batch of
-``m × m`` factors, applied tile by tile); blocks with ``B ≤ m`` are inverted directly as float64
-``B × B`` matrices (their ``d·B`` entries replace ``G``).
+``m × m`` factors; ``mul`` of a vector is the storage's ``block_woodbury`` pass, fused block by
+block on the CPU); blocks with ``B ≤ m`` are inverted directly as float64 ``B × B`` matrices
+(their ``d·B`` entries replace ``G``).
 """
 
 from __future__ import annotations
@@ -205,16 +206,11 @@ class StaticFisherInverse:
         return out
 
     def _mul_blocked_vector(self, x: torch.Tensor) -> torch.Tensor:
-        """Tile by tile (tiles hold whole blocks), every block's ``(x_b − G_bᵀ S_b⁻¹ G_b x_b)/λ``
-        through the kernels' ``block_woodbury``: one float64-accumulating read of ``G`` per block
-        on the CPU, two column-block passes around batched solves on other devices."""
-        b = self.block_size
-        out = torch.empty_like(x)
-        for c0, c1, tile in self._window.column_tiles():
-            nb = -(-(c1 - c0) // b)
-            factor = self._factor[c0 // b : c0 // b + nb]
-            self.kernels.block_woodbury(tile, x[c0:c1], b, factor, self.damp, out=out[c0:c1])
-        return out
+        """Every block's ``(x_b − G_bᵀ S_b⁻¹ G_b x_b)/λ`` through the storage's ``block_woodbury``:
+        one float64-accumulating read of ``G`` per block on the CPU (fused kernel), two column-block
+        passes around batched triangular solves on other devices (page by page when paged: pages
+        hold whole blocks)."""
+        return self._window.block_woodbury(x, self.block_size, self._factor, self.damp, torch.empty_like(x))
 
     def _mul_direct(self, x: torch.Tensor) -> torch.Tensor:
         b, k = self.block_size, x.shape[1]

@@ -85,6 +85,18 @@ class WindowStorage(ABC):
     def gram(self) -> torch.Tensor:
         """``G Gᵀ`` as a float64 ``(m, m)`` tensor."""
 
+    def block_woodbury(
+        self, x: torch.Tensor, block: int, factor: torch.Tensor, damp: float, out: torch.Tensor
+    ) -> torch.Tensor:
+        """``out_b = (x_b − G_bᵀ (L_b L_bᵀ)⁻¹ G_b x_b)/λ`` for every block of ``block`` columns
+        (``factor``: the float64 ``(nblocks, m, m)`` factors ``L_b``): tile by tile, for storages
+        whose ``column_tiles`` hold whole blocks."""
+        for c0, c1, tile in self.column_tiles():
+            nb = -(-(c1 - c0) // block)
+            f = factor[c0 // block : c0 // block + nb]
+            self.kernels.block_woodbury(tile, x[c0:c1], block, f, damp, out=out[c0:c1])
+        return out
+
     # ------------------------------------------------------------------ the staged row
     @abstractmethod
     def stage(self, g: torch.Tensor) -> None:
@@ -234,6 +246,10 @@ class DeviceWindow(WindowStorage):
 
     def gram(self):
         return self.kernels.gram(self._rows)
+
+    def block_woodbury(self, x, block, factor, damp, out):
+        # One call: the kernels bound their own temporaries, whatever the width.
+        return self.kernels.block_woodbury(self._rows, x, block, factor, damp, out=out)
 
     def stage(self, g):
         self._staged.copy_(g)
