@@ -61,6 +61,11 @@ def main(mode: str, out: str) -> None:
              "storage": type(callback._pre[0].fisher.window).__name__, "shards": shards},
             out,
         )
+    if torch.distributed.is_initialized():
+        # Tear the group down before exit: two Trainers shared it, and gloo threads still alive at
+        # interpreter exit abort the process ("terminate called without an active exception").
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
