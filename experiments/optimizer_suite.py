@@ -490,7 +490,7 @@ def plot(task: str, rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_ylabel("final validation loss (mean ± std over seeds; x: diverged)")
     ax.set_title(f"{task}: lr sensitivity")
     bx.set_yscale("log")
-    bx.set_xlabel("training time (s, shared machine)")
+    bx.set_xlabel("training time (s, this machine; see the JSON meta)")
     bx.set_ylabel("training loss (full set), best lr, mean over seeds")
     bx.set_title(f"{task}: loss against wall-clock")
     for a in (ax, bx):
