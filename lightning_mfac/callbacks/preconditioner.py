@@ -172,7 +172,7 @@ class MFACPreconditioner(Callback):
         # without one takes the flag itself. No host read either way.
         u, finite = pre.precondition(g)
         if idx in self._grafts:  # in place on the direction; a skipped step keeps the grafting state
-            self._grafts[idx].graft_(pre.direction_views, pre.gradient_views, finite)
+            self._grafts[idx].graft_(pre.direction_views, pre.gradient_views, finite, has_grad)
         self._count_nonfinite(finite)
         if scaler is None and handles_scaling:
             optimizer.found_inf = (~finite).to(torch.float32)

@@ -34,10 +34,15 @@ class Grafting:
     name = "none"
 
     def target_norms(
-        self, grads: list[torch.Tensor], finite: torch.Tensor | None = None
+        self,
+        grads: list[torch.Tensor],
+        finite: torch.Tensor | None = None,
+        has_grad: Sequence[bool] | None = None,
     ) -> list[torch.Tensor]:
         """The norm of the grafted method's direction, one 0-d tensor per gradient tensor.
-        ``finite`` (a 0-d bool tensor, False for a step the caller skips) keeps state unchanged."""
+        ``finite`` (a 0-d bool tensor, False for a step the caller skips) keeps state unchanged.
+        ``has_grad`` (host booleans): tensors marked False had no gradient this step; their state
+        is left alone, as ``torch.optim`` leaves such parameters alone."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -46,12 +51,13 @@ class Grafting:
         directions: Sequence[torch.Tensor],
         grads: Sequence[torch.Tensor],
         finite: torch.Tensor | None = None,
+        has_grad: Sequence[bool] | None = None,
     ) -> None:
         """Rescale each ``directions[i]`` in place to the grafted norm computed from ``grads[i]``.
 
         ``finite``: the caller's device flag for "this gradient is finite". When it is False the
         step is a skip: the directions become 0 and the grafting state stays as it was, decided on
-        the device (no host read)."""
+        the device (no host read). ``has_grad``: see :meth:`target_norms`."""
         directions, grads = list(directions), list(grads)
         if len(directions) != len(grads):
             raise ValueError(
@@ -59,7 +65,7 @@ class Grafting:
             )
         if not directions:
             return
-        target = torch.stack(self.target_norms(grads, finite))
+        target = torch.stack(self.target_norms(grads, finite, has_grad))
         current = torch.stack(torch._foreach_norm(directions))
         # One vector of scales for all tensors. where(), not clamp_min(): a tiny but non-zero
         # direction must still get the full target norm.
@@ -90,14 +96,18 @@ class SGDGrafting(Grafting):
     name = "sgd"
 
     def target_norms(
-        self, grads: list[torch.Tensor], finite: torch.Tensor | None = None
+        self,
+        grads: list[torch.Tensor],
+        finite: torch.Tensor | None = None,
+        has_grad: Sequence[bool] | None = None,
     ) -> list[torch.Tensor]:
         return list(torch._foreach_norm(grads))
 
 
 class AdamGrafting(Grafting):
     """``‖u‖ ← ‖m̂/(√v̂ + ε)‖``; the moments (float32, or float64 for float64 gradients) and the
-    step count are this object's state and go into checkpoints."""
+    per-tensor step counts (as ``torch.optim.Adam``'s per-parameter ``step``) are this object's
+    state and go into checkpoints."""
 
     name = "adam"
 
@@ -114,46 +124,66 @@ class AdamGrafting(Grafting):
         self.exp_avg_sq: list[torch.Tensor] = []
 
     def target_norms(
-        self, grads: list[torch.Tensor], finite: torch.Tensor | None = None
+        self,
+        grads: list[torch.Tensor],
+        finite: torch.Tensor | None = None,
+        has_grad: Sequence[bool] | None = None,
     ) -> list[torch.Tensor]:
+        device = grads[0].device
         if not self.exp_avg:
             self.exp_avg = [torch.zeros_like(g, dtype=_state_dtype(g)) for g in grads]
             self.exp_avg_sq = [torch.zeros_like(m) for m in self.exp_avg]
-            self.steps = torch.as_tensor(self.steps, dtype=torch.float64, device=grads[0].device)
+            self.steps = torch.full((len(grads),), float(self.steps), dtype=torch.float64, device=device)
         elif [m.shape for m in self.exp_avg] != [g.shape for g in grads]:
             raise RuntimeError(
                 "graft='adam': the parameter shapes changed since Adam's moments were created "
                 f"({len(self.exp_avg)} tensors before, {len(grads)} now)."
             )
-        elif self.exp_avg[0].device != grads[0].device:  # a checkpoint mapped to another device
-            self.exp_avg = [m.to(grads[0].device) for m in self.exp_avg]
-            self.exp_avg_sq = [v.to(grads[0].device) for v in self.exp_avg_sq]
-            self.steps = self.steps.to(grads[0].device)
+        elif self.exp_avg[0].device != device:  # a checkpoint mapped to another device
+            self.exp_avg = [m.to(device) for m in self.exp_avg]
+            self.exp_avg_sq = [v.to(device) for v in self.exp_avg_sq]
+            self.steps = self.steps.to(device)
+        # Only the tensors with a gradient this step (a host fact: no device read) are updated.
+        live = list(range(len(grads))) if has_grad is None else [i for i, h in enumerate(has_grad) if h]
+        if not live:
+            return [torch.zeros((), dtype=m.dtype, device=device) for m in self.exp_avg]
+        exp_avg = [self.exp_avg[i] for i in live]
+        exp_avg_sq = [self.exp_avg_sq[i] for i in live]
         b1, b2 = self.betas
-        g = [x.to(m.dtype) for x, m in zip(grads, self.exp_avg, strict=True)]
+        g = [grads[i].to(m.dtype) for i, m in zip(live, exp_avg, strict=True)]
         if finite is None:
             decay1, decay2 = b1, b2
         else:
             # A skipped step: a zero gradient (not inf/NaN) and decay factors of 1 leave both
             # moments exactly as they were, decided on the device without copying them.
             g = [torch.where(finite, x, 0.0) for x in g]
-            one = torch.ones((), dtype=g[0].dtype, device=g[0].device)
+            one = torch.ones((), dtype=g[0].dtype, device=device)
             decay1, decay2 = torch.where(finite, b1, one), torch.where(finite, b2, one)
-        torch._foreach_mul_(self.exp_avg, decay1)
-        torch._foreach_add_(self.exp_avg, g, alpha=1 - b1)
-        torch._foreach_mul_(self.exp_avg_sq, decay2)
-        torch._foreach_addcmul_(self.exp_avg_sq, g, g, value=1 - b2)
-        self.steps = self.steps + (1 if finite is None else finite.to(self.steps.dtype))
-        steps = self.steps.clamp_min(1)  # a skipped first step: its norms are discarded anyway
+        torch._foreach_mul_(exp_avg, decay1)
+        torch._foreach_add_(exp_avg, g, alpha=1 - b1)
+        torch._foreach_mul_(exp_avg_sq, decay2)
+        torch._foreach_addcmul_(exp_avg_sq, g, g, value=1 - b2)
+        increment = 1.0 if finite is None else finite.to(self.steps.dtype)
+        if has_grad is None or len(live) == len(grads):
+            self.steps = self.steps + increment
+        else:
+            mask = torch.tensor(list(has_grad), dtype=self.steps.dtype).to(device, non_blocking=True)
+            self.steps = self.steps + mask * increment
+        steps = self.steps.clamp_min(1)  # a tensor's skipped first step: its norm is discarded anyway
         bc1 = 1 - torch.pow(b1, steps)
-        bc2_sqrt = (1 - torch.pow(b2, steps)).sqrt()
+        bc2_sqrt = (1 - torch.pow(b2, steps)).sqrt().unbind()
         # torch.optim.Adam's convention: m̂ / (√v / √(1-β2ᵗ) + ε).
-        denom = torch._foreach_sqrt(self.exp_avg_sq)
-        torch._foreach_div_(denom, bc2_sqrt.to(denom[0].dtype))
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_div_(denom, [bc2_sqrt[i] for i in live])
         torch._foreach_add_(denom, self.eps)
-        step = torch._foreach_div(self.exp_avg, denom)
+        step = torch._foreach_div(exp_avg, denom)
         norms = torch._foreach_norm(step)
-        return [n / bc1.to(n.dtype) for n in norms]
+        if len(live) == len(grads):  # one division for all tensors
+            return list((torch.stack(norms) / bc1.to(norms[0].dtype)).unbind())
+        out = [torch.zeros((), dtype=m.dtype, device=device) for m in self.exp_avg]
+        for i, n in zip(live, norms, strict=True):
+            out[i] = n / bc1[i].to(n.dtype)
+        return out
 
     def apply_masks(self, keeps: Sequence[torch.Tensor | None]) -> None:
         for m, v, keep in zip(self.exp_avg, self.exp_avg_sq, keeps, strict=False):
@@ -177,7 +207,13 @@ class AdamGrafting(Grafting):
         self.exp_avg = [m.clone() for m in state["exp_avg"]]
         self.exp_avg_sq = [v.clone() for v in state["exp_avg_sq"]]
         device = self.exp_avg[0].device if self.exp_avg else None
-        self.steps = torch.as_tensor(state["steps"], dtype=torch.float64, device=device).clone()
+        if not self.exp_avg:  # saved before the first step
+            self.steps = 0
+            return
+        steps = torch.as_tensor(state["steps"], dtype=torch.float64, device=device).clone()
+        if steps.dim() == 0:  # checkpoints with one count shared by all tensors
+            steps = steps.expand(len(self.exp_avg)).clone()
+        self.steps = steps
 
     def __repr__(self) -> str:
         return f"AdamGrafting(betas={self.betas}, eps={self.eps})"

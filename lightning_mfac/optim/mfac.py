@@ -36,8 +36,9 @@ class MFAC(Optimizer):
     value is refused). ``lr``, ``momentum`` and ``weight_decay`` may differ per group.
 
     **Parameters without a gradient** in a step are left alone, as ``torch.optim.SGD`` does: no
-    weight decay, no update, momentum untouched. They enter the window as zeros (a frozen layer
-    is a zero column of ``G`` and does not change the others' directions).
+    weight decay, no update, momentum untouched, and with ``graft="adam"`` their Adam moments and
+    step count untouched too, as ``torch.optim.Adam`` does. They enter the window as zeros (a frozen
+    layer is a zero column of ``G`` and does not change the others' directions).
 
     **Non-finite gradients.** A step whose gradient (with weight decay) is not finite is skipped
     without reading anything on the host: the window is left untouched, the update is multiplied
@@ -183,7 +184,7 @@ class MFAC(Optimizer):
         g = pre.gradient(decays, has)
         u, finite = pre.precondition(g)
         if self.graft is not None:
-            self.graft.graft_(pre.direction_views, pre.gradient_views, finite)
+            self.graft.graft_(pre.direction_views, pre.gradient_views, finite, has)
         skipped = self.skipped_steps_tensor
         skipped.add_(finite.logical_not())
         views = pre.direction_views
