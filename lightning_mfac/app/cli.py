@@ -411,7 +411,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if last is not None and last.dirpath is not None:
                 # The saved model is the one the summary describes: the pruned one.
                 path = Path(last.dirpath) / f"{last.filename or 'last'}{last.FILE_EXTENSION}"
-                trainer.save_checkpoint(path)
+                trainer.save_checkpoint(path, weights_only=False)  # explicit, or Lightning logs its default
                 last.last_model_path = last.best_model_path = str(path)
         test_metrics: dict[str, float] = {}
         if cfg.test:
