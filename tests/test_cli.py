@@ -365,6 +365,10 @@ def test_quickstart_end_to_end_with_wandb_offline_plots_and_resume(tmp_path):
     finished = json.loads((finished_dir / "summary.json").read_text())
     assert finished["test"] == summary["test"]
     assert finished["optimized"] == pytest.approx(summary["optimized"])
+    # Lightning brings back the first run's best path but not its score: said so, not "nan".
+    assert "nan" not in proc.stdout
+    if finished["checkpoints"].get("best", {}).get("score") is None:
+        assert "score not restored" in proc.stdout
 
 
 def _test_accuracy(ckpt: Path, overrides: list[str]) -> tuple[float, float]:
@@ -391,6 +395,7 @@ def test_oneshot_pruning_saves_the_pruned_model(tmp_path):
     acc, sparsity = _test_accuracy(Path(summary["checkpoints"]["last"]), [])
     assert sparsity == pytest.approx(summary["global_sparsity"], abs=1e-9)
     assert acc == pytest.approx(summary["test"]["test/acc"], abs=1e-9)
+    assert "weights_only" not in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow

@@ -440,7 +440,7 @@ def _report(cfg: DictConfig, trainer: pl.Trainer, task: pl.LightningModule, outp
     if best is not None and best.best_model_path:
         score = best.best_model_score
         checkpoints["best"] = {"path": best.best_model_path, "monitor": best.monitor,
-                               "score": float(score) if score is not None else float("nan")}
+                               "score": float(score) if score is not None else None}
     if last is not None:
         checkpoints["last"] = last.last_model_path or last.best_model_path or None
     history = next((c.rows for c in trainer.callbacks if isinstance(c, MetricHistory)), [])

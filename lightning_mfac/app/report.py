@@ -119,7 +119,10 @@ def print_summary(summary: dict[str, Any]) -> None:
     if last:
         lines.append(f"{'last checkpoint (tested above)':<32} {rel(last)}")
     if best:
-        lines.append(f"{'best checkpoint':<32} {rel(best['path'])} ({best['monitor']}={best['score']:.4f})")
+        score = best.get("score")
+        # Lightning restores the best path but not its score when a resumed run writes elsewhere.
+        shown = f"{best['monitor']}={score:.4f}" if score is not None else "from the resumed run; score not restored"
+        lines.append(f"{'best checkpoint':<32} {rel(best['path'])} ({shown})")
     lines.append(f"{'plots':<32} {', '.join(rel(p) for p in summary.get('plots', [])) or '-'}")
     lines.append(f"{'logs':<32} {rel(summary['logger_dir']) if summary['logger_dir'] else '-'}")
     lines.append("=" * 72)
