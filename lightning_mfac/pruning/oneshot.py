@@ -172,7 +172,9 @@ def _progress(total: int, desc: str, enabled: bool):
         return contextlib.nullcontext(None)
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (logs, CI, SLURM files), where a nested,
+    # self-erasing bar would leave cursor-movement escape codes in the file.
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
 
 
 def collect_gradients(
