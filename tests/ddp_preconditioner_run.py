@@ -52,6 +52,8 @@ def main(mode: str, out: str) -> None:
         ckpt = os.path.join(root, "epoch0.ckpt")
         first.save_checkpoint(ckpt)
         shards = sorted(os.listdir(os.path.join(root, "mfac-window-shards")))
+        # The callback installed the CheckpointIO that ties those files to this checkpoint.
+        shards.append(os.path.exists(ckpt + ".mfac-shards.json"))
         module, callback, trainer = _fit(ddp, root, precision, ckpt_path=ckpt, max_steps=7)
     else:
         module, callback, trainer = _fit(ddp, root, precision, max_steps=7)

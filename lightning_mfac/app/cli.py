@@ -39,6 +39,7 @@ from lightning_mfac.app.report import (
     write_tables,
 )
 from lightning_mfac.app.tasks import ImageClassifier, LanguageModel, SequenceClassifier
+from lightning_mfac.callbacks.window_shards import use_window_shard_checkpoint_io
 
 TASKS = {"image": ImageClassifier, "sequence": SequenceClassifier, "language_model": LanguageModel}
 #: Model arguments that ``auto`` fills from the data module.
@@ -375,6 +376,17 @@ def _pruning_report(cfg: DictConfig, task: pl.LightningModule, trainer: pl.Train
     return {"kind": kind, "target": target, "reached": reached, "note": note, "schedule": schedule_note}
 
 
+def place_window_shards(cfg: DictConfig, shard_dir: Path) -> None:
+    """Sharded M-FAC windows (DDP) write their per-rank checkpoint files into the run folder, not
+    the working directory: the optimizer's and the preconditioner's ``window.shard_dir`` default
+    to ``shard_dir``."""
+    for group in ("optimizer", "preconditioner"):
+        window = OmegaConf.select(cfg, f"{group}.window", default=None)
+        if isinstance(window, DictConfig) and window.get("shard_dir") is None:
+            with open_dict(window):
+                window.shard_dir = str(shard_dir)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Runs one configured experiment; returns the summary (also written to ``summary.json``)."""
     validate_config(cfg)
@@ -383,6 +395,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print(f"mfac-train: note: {schedule_note}.", file=sys.stderr, flush=True)
     output_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    place_window_shards(cfg, output_dir / "mfac-window-shards")
     dm = build_datamodule(cfg)
     task = build_task(cfg, dm)
     check_resume(cfg, task)
@@ -391,6 +404,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         trainer: pl.Trainer = _build(cfg.trainer, "trainer", callbacks=callbacks, logger=logger,
                                      default_root_dir=str(output_dir))
+        use_window_shard_checkpoint_io(trainer)
         if logger:
             _, _, overrides = _run_names(cfg)
             logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "overrides": overrides})

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_mfac import _validation as check
 from lightning_mfac.callbacks._guards import check_full_gradients, check_strategy
+from lightning_mfac.callbacks.window_shards import use_window_shard_checkpoint_io
 from lightning_mfac.fisher.config import WindowConfig
 from lightning_mfac.fisher.dynamic import DAMP_MODES
 from lightning_mfac.optim.flat import FlatPreconditioner, check_masks
@@ -132,6 +133,7 @@ class MFACPreconditioner(Callback):
             return
         check_strategy(trainer.strategy, "MFACPreconditioner")
         self._start_fit()
+        use_window_shard_checkpoint_io(trainer)  # window files leave with the checkpoints using them
         if self.window.shard_dir is None and trainer.world_size > 1:
             # A sharded window writes one checkpoint file per rank: beside the run's logs, which
             # every rank resolves to the same path (``log_dir`` is broadcast from rank 0).
