@@ -466,6 +466,13 @@ def test_ddp_cpu_run(tmp_path):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("MFACPreconditioner")]
     assert state["preconditioners"][0]["fisher"]["count"] == 4
+    # The sharded window's per-rank files are in the run folder, one set per kept checkpoint.
+    manifest = state["preconditioners"][0]["fisher"]["window"]
+    assert manifest["directory"] == str(run_dir / "mfac-window-shards")
+    kept = sorted(p.name for p in (run_dir / "mfac-window-shards").iterdir())
+    named = {name for c in (run_dir / "checkpoints").glob("*.ckpt.mfac-shards.json")
+             for name in map(os.path.basename, json.loads(c.read_text())["files"])}
+    assert kept == sorted(named) and len(kept) == 2 * len(list((run_dir / "checkpoints").glob("*.ckpt")))
 
 
 @pytest.mark.parametrize(("group", "needle"), [("hparams_search=optuna", "OptunaSweeper"), ("launcher=slurm", "submitit")])
