@@ -8,6 +8,7 @@ from typing import Any
 _MODULES = {
     "MFACPreconditioner": "lightning_mfac.callbacks.preconditioner",
     "OBSPruning": "lightning_mfac.callbacks.obs_pruning",
+    "WindowShardCheckpointIO": "lightning_mfac.callbacks.window_shards",
 }
 
 __all__ = list(_MODULES)
