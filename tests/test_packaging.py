@@ -33,6 +33,40 @@ def test_every_package_is_in_the_wheel_list():
     assert _pyproject()["project"]["scripts"]["mfac-train"] == "lightning_mfac.app.cli:main"
 
 
+#: Third-party modules the package may import without them being core dependencies, and why.
+OPTIONAL_IMPORTS = {
+    "datasets": "extra nlp (Hugging Face data; imported when a config asks for it)",
+    "transformers": "extra nlp",
+    "singd": "extra baselines",
+    "pytorch_optimizer": "extra baselines",
+    "triton": "ships with torch's CUDA builds; kernels='auto' falls back without it",
+    "llvmlite": "numba's own compiler, installed with numba",
+}
+
+
+def test_every_module_the_package_imports_is_a_declared_dependency():
+    """`pip install .` must be enough for `mfac-train` (the README's main command): every
+    third-party import of the package is a core dependency, or an extra that is imported lazily."""
+    import importlib.metadata as md
+    import re
+
+    declared = {re.split(r"[<>=!~ ;\[]", dep, maxsplit=1)[0].lower().replace("_", "-")
+                for dep in _pyproject()["project"]["dependencies"]}
+    dists = md.packages_distributions()
+    imported = set()
+    for path in (ROOT / "lightning_mfac").rglob("*.py"):
+        imported |= {name.split(".")[0] for name in _imports(path)}
+    third_party = sorted(m for m in imported - set(sys.stdlib_module_names) if m != "lightning_mfac")
+    missing = []
+    for module in third_party:
+        if module in OPTIONAL_IMPORTS:
+            continue
+        names = {d.lower().replace("_", "-") for d in dists.get(module, [module])}
+        if not names & declared:
+            missing.append(f"{module} (from {sorted(names)})")
+    assert not missing, f"imported but not in [project] dependencies: {missing}"
+
+
 def _imports(path: Path) -> set[str]:
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
