@@ -485,3 +485,18 @@ def test_sweep_and_launcher_configs_compose(group, needle):
         plain = _compose([])
         for key in node.params:
             assert OmegaConf.select(plain, key) is not None, key
+
+
+@pytest.mark.parametrize(
+    ("overrides", "module", "extra"),
+    [(["optimizer=singd"], "singd", "baselines"), (["optimizer=soap"], "pytorch_optimizer", "baselines")],
+)
+def test_a_missing_optional_package_is_one_config_error(monkeypatch, overrides, module, extra):
+    """Without the extra installed, the run stops before training with the pip command to run."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    cfg = _compose(overrides)
+    with pytest.raises(ConfigError, match=rf"needs the `{module}` package.*lightning-mfac\[{extra}\]"):
+        validate_config(cfg)

@@ -7,6 +7,7 @@ can be swapped from the command line (``optimizer=adamw``, ``experiment=resnet20
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -14,6 +15,7 @@ import re
 import shutil
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +85,42 @@ def _is_mfac_optimizer(cfg: DictConfig) -> bool:
     return target.rsplit(".", 1)[-1] == "MFAC"
 
 
+#: Targets that need a package of an optional extra: (module, extra).
+OPTIONAL_PACKAGES = {
+    "lightning_mfac.app.baselines.singd": ("singd", "baselines"),
+    "lightning_mfac.app.baselines.shampoo": ("pytorch_optimizer", "baselines"),
+    "lightning_mfac.app.baselines.soap": ("pytorch_optimizer", "baselines"),
+    "lightning_mfac.app.baselines.muon": ("pytorch_optimizer", "baselines"),
+    "lightning_mfac.app.models.bert_classifier": ("transformers", "nlp"),
+    "lightning_mfac.app.models.gpt_lm": ("transformers", "nlp"),
+    "lightning_mfac.app.data.GLUEDataModule": ("datasets", "nlp"),
+}
+
+
+def _targets(node: Any, key: str = "") -> Iterator[tuple[str, str]]:
+    """``(config key, _target_)`` of every instantiated object in the config."""
+    if isinstance(node, dict):
+        if isinstance(node.get("_target_"), str):
+            yield key or "<root>", node["_target_"]
+        for k, v in node.items():
+            yield from _targets(v, f"{key}.{k}" if key else str(k))
+
+
+def _check_optional_packages(cfg: DictConfig) -> None:
+    tree = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
+    for key, target in _targets({k: v for k, v in tree.items() if k != "hydra"}):
+        if target in OPTIONAL_PACKAGES:
+            module, extra = OPTIONAL_PACKAGES[target]
+            if importlib.util.find_spec(module) is None:
+                raise ConfigError(
+                    f"{key} ({target.rsplit('.', 1)[-1]}) needs the `{module}` package, which is not "
+                    f'installed: pip install "lightning-mfac[{extra}]".'
+                )
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Fail before any training starts, naming the offending key."""
+    _check_optional_packages(cfg)
     _number(cfg, "seed", integer=True)
     for key in ("optimizer.lr", "optimizer.weight_decay"):
         _number(cfg, key, minimum=0)
