@@ -277,23 +277,6 @@ def test_callback_graft_with_clipping_and_weight_decay(tmp_path):
     assert torch.isfinite(flat_params(module)).all()
 
 
-def test_callback_graft_adam_resume_equals_uninterrupted_run(tmp_path):
-    kw = dict(ngrads=4, damp=1e-2, graft="adam")
-    full = TinyClassifier(optimizer="sgd_momentum", lr=0.05, scheduler=True)
-    _fit(tmp_path / "a", full, [MFACPreconditioner(**kw)], max_epochs=4, max_steps=-1)
-    first = TinyClassifier(optimizer="sgd_momentum", lr=0.05, scheduler=True)
-    trainer = _fit(tmp_path / "b", first, [MFACPreconditioner(**kw)], max_epochs=2, max_steps=-1)
-    ckpt = tmp_path / "half.ckpt"
-    trainer.save_checkpoint(ckpt)
-    saved = torch.load(ckpt, weights_only=False)
-    (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("MFACPreconditioner")]
-    assert set(state["preconditioners"][0]["graft"]["steps"].tolist()) == {float(trainer.global_step)}
-    resumed = TinyClassifier(optimizer="sgd_momentum", lr=0.05, scheduler=True)
-    callback = MFACPreconditioner(**kw)
-    make_trainer(tmp_path / "c", callbacks=[callback], max_epochs=4, max_steps=-1).fit(resumed, ckpt_path=ckpt)
-    assert torch.equal(flat_params(resumed), flat_params(full))
-
-
 @pytest.mark.parametrize("where", ["optimizer", "callback"])
 def test_graft_adam_with_pruning_masks(tmp_path, where):
     pruning = OBSPruning(0.6, start_epoch=1, end_epoch=2, obs={"ngrads": 8}, verbose=False)

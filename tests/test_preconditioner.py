@@ -86,10 +86,11 @@ def test_reused_callback_gives_the_second_model_what_a_fresh_one_gives(tmp_path)
 
 
 # ---------------------------------------------------------------------- resume
-def test_resume_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("graft", [None, "adam"])  # Adam grafting's moments and counts resume too
+def test_resume_equals_uninterrupted_run(tmp_path, graft):
     # 32-true: Lightning loads a checkpoint into the module before converting it to float64, so a
     # "64-true" resume rounds the weights through float32 (with or without this callback).
-    kw = dict(ngrads=4, damp=1e-2)
+    kw = dict(ngrads=4, damp=1e-2, graft=graft)
     full = TinyClassifier(optimizer="sgd_momentum", lr=0.05, scheduler=True)
     _fit(tmp_path / "a", full, [MFACPreconditioner(**kw)], max_epochs=4, max_steps=-1)
 
@@ -100,6 +101,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     saved = torch.load(ckpt, weights_only=False)
     (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("MFACPreconditioner")]
     assert state["preconditioners"][0]["fisher"]["count"] == trainer.global_step
+    if graft == "adam":
+        assert set(state["preconditioners"][0]["graft"]["steps"].tolist()) == {float(trainer.global_step)}
 
     resumed = TinyClassifier(optimizer="sgd_momentum", lr=0.05, scheduler=True)
     trainer = make_trainer(tmp_path / "c", callbacks=[MFACPreconditioner(**kw)], max_epochs=4, max_steps=-1)

@@ -42,6 +42,7 @@ from lightning_mfac.app.report import (
 )
 from lightning_mfac.app.tasks import ImageClassifier, LanguageModel, SequenceClassifier
 from lightning_mfac.callbacks.window_shards import use_window_shard_checkpoint_io
+from lightning_mfac.fisher.storage import DEFAULT_SHARD_DIR
 
 TASKS = {"image": ImageClassifier, "sequence": SequenceClassifier, "language_model": LanguageModel}
 #: Model arguments that ``auto`` fills from the data module.
@@ -431,7 +432,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print(f"mfac-train: note: {schedule_note}.", file=sys.stderr, flush=True)
     output_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    place_window_shards(cfg, output_dir / "mfac-window-shards")
+    place_window_shards(cfg, output_dir / DEFAULT_SHARD_DIR)
     dm = build_datamodule(cfg)
     task = build_task(cfg, dm)
     check_resume(cfg, task)

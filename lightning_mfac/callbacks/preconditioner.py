@@ -15,6 +15,7 @@ from lightning_mfac.callbacks._guards import check_full_gradients, check_strateg
 from lightning_mfac.callbacks.window_shards import use_window_shard_checkpoint_io
 from lightning_mfac.fisher.config import WindowConfig
 from lightning_mfac.fisher.dynamic import DAMP_MODES
+from lightning_mfac.fisher.storage import DEFAULT_SHARD_DIR
 from lightning_mfac.optim.flat import FlatPreconditioner, check_masks
 from lightning_mfac.optim.grafting import GRAFTS, make_grafting
 from lightning_mfac.optim.masking import Masks
@@ -138,7 +139,7 @@ class MFACPreconditioner(Callback):
             # A sharded window writes one checkpoint file per rank: beside the run's logs, which
             # every rank resolves to the same path (``log_dir`` is broadcast from rank 0).
             self._window = self.window.replace(
-                shard_dir=os.path.join(trainer.log_dir or trainer.default_root_dir, "mfac-window-shards")
+                shard_dir=os.path.join(trainer.log_dir or trainer.default_root_dir, DEFAULT_SHARD_DIR)
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

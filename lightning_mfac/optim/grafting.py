@@ -147,6 +147,7 @@ class AdamGrafting(Grafting):
         live = list(range(len(grads))) if has_grad is None else [i for i, h in enumerate(has_grad) if h]
         if not live:
             return [torch.zeros((), dtype=m.dtype, device=device) for m in self.exp_avg]
+        everyone = len(live) == len(grads)
         exp_avg = [self.exp_avg[i] for i in live]
         exp_avg_sq = [self.exp_avg_sq[i] for i in live]
         b1, b2 = self.betas
@@ -164,7 +165,7 @@ class AdamGrafting(Grafting):
         torch._foreach_mul_(exp_avg_sq, decay2)
         torch._foreach_addcmul_(exp_avg_sq, g, g, value=1 - b2)
         increment = 1.0 if finite is None else finite.to(self.steps.dtype)
-        if has_grad is None or len(live) == len(grads):
+        if everyone:
             self.steps = self.steps + increment
         else:
             mask = torch.tensor(list(has_grad), dtype=self.steps.dtype).to(device, non_blocking=True)
@@ -178,7 +179,7 @@ class AdamGrafting(Grafting):
         torch._foreach_add_(denom, self.eps)
         step = torch._foreach_div(exp_avg, denom)
         norms = torch._foreach_norm(step)
-        if len(live) == len(grads):  # one division for all tensors
+        if everyone:  # one division for all tensors
             return list((torch.stack(norms) / bc1.to(norms[0].dtype)).unbind())
         out = [torch.zeros((), dtype=m.dtype, device=device) for m in self.exp_avg]
         for i, n in zip(live, norms, strict=True):
