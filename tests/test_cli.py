@@ -500,3 +500,20 @@ def test_a_missing_optional_package_is_one_config_error(monkeypatch, overrides, 
     cfg = _compose(overrides)
     with pytest.raises(ConfigError, match=rf"needs the `{module}` package.*lightning-mfac\[{extra}\]"):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize(("overrides", "node"), [
+    (["optimizer=mfac"], "optimizer"), ([], "optimizer"), (["optimizer=sgd", "preconditioner=mfac"], "preconditioner"),
+])
+def test_window_settings_are_all_overridable_from_the_command_line(overrides, node):
+    """Every WindowConfig field (but the process group, an object) is in the config, so
+    `mfac-train optimizer.window.kernels=torch` works without Hydra's `+`, and the defaults match."""
+    import dataclasses
+
+    from lightning_mfac.fisher.config import WindowConfig
+
+    window = _compose(overrides)[node].window
+    fields = {f.name: f.default for f in dataclasses.fields(WindowConfig) if f.name != "process_group"}
+    assert set(window) == set(fields)
+    assert WindowConfig.coerce(dict(window)) == WindowConfig()
+    assert _compose([*overrides, f"{node}.window.kernels=torch"])[node].window.kernels == "torch"
