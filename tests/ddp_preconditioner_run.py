@@ -51,7 +51,7 @@ def main(mode: str, out: str) -> None:
         _, _, first = _fit(ddp, root, precision, max_epochs=1, max_steps=-1)
         ckpt = os.path.join(root, "epoch0.ckpt")
         first.save_checkpoint(ckpt)
-        shards = sorted(os.listdir(os.path.join(root, "mfac-window-shards")))
+        shards = sorted(n for n in os.listdir(os.path.join(root, "mfac-window-shards")) if not n.startswith("."))
         # The callback installed the CheckpointIO that ties those files to this checkpoint.
         shards.append(os.path.exists(ckpt + ".mfac-shards.json"))
         module, callback, trainer = _fit(ddp, root, precision, ckpt_path=ckpt, max_steps=7)

@@ -469,7 +469,7 @@ def test_ddp_cpu_run(tmp_path):
     # The sharded window's per-rank files are in the run folder, one set per kept checkpoint.
     manifest = state["preconditioners"][0]["fisher"]["window"]
     assert manifest["directory"] == str(run_dir / "mfac-window-shards")
-    kept = sorted(p.name for p in (run_dir / "mfac-window-shards").iterdir())
+    kept = sorted(p.name for p in (run_dir / "mfac-window-shards").iterdir() if not p.name.startswith("."))
     named = {name for c in (run_dir / "checkpoints").glob("*.ckpt.mfac-shards.json")
              for name in map(os.path.basename, json.loads(c.read_text())["files"])}
     assert kept == sorted(named) and len(kept) == 2 * len(list((run_dir / "checkpoints").glob("*.ckpt")))

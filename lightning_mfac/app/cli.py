@@ -29,6 +29,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lightning_mfac._files import DiskFullError
 from lightning_mfac.app import config_dir
 from lightning_mfac.app.callbacks import MetricHistory, TrainingDiverged
 from lightning_mfac.app.report import (
@@ -446,7 +447,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             _, _, overrides = _run_names(cfg)
             logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "overrides": overrides})
         try:
-            trainer.fit(task, datamodule=dm, ckpt_path=cfg.ckpt_path)
+            # weights_only: a checkpoint is data; nothing in a user's file runs as code.
+            trainer.fit(task, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
         except FloatingPointError as err:  # an M-FAC window that cannot be factorized
             raise TrainingDiverged(f"training diverged: {err}") from err
         if str(cfg.optimized_metric) not in trainer.callback_metrics:
@@ -601,6 +603,13 @@ def _hydra_main(cfg: DictConfig) -> float:
         if multirun:
             raise  # the sweeper records a failed job and goes on
         raise SystemExit(2 if isinstance(err, ConfigError) else 1) from None
+    except DiskFullError as err:
+        # Every file was written whole or not at all: the last good checkpoint is still there.
+        print(f"mfac-train: error: {err.strerror}; free space there (or set hydra.run.dir to another disk) "
+              "and resume with ckpt_path=<the last checkpoint>.", file=sys.stderr, flush=True)
+        if multirun:
+            raise
+        raise SystemExit(1) from None
     return summary["optimized"]
 
 

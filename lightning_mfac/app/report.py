@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_mfac._files import atomic_write, atomic_write_text
+
 __all__ = ["layer_sparsity", "plot_curves", "plot_sparsity", "print_summary", "write_tables"]
 
 
@@ -34,11 +36,12 @@ def global_sparsity(rows: Sequence[tuple[str, int, int]]) -> float:
 
 
 def write_tables(output_dir: Path, summary: dict[str, Any]) -> None:
-    with open(output_dir / "sparsity.csv", "w", newline="") as fh:
+    """``sparsity.csv`` and ``summary.json``, each written whole or not at all (a crash keeps the old file)."""
+    with atomic_write(output_dir / "sparsity.csv", "w") as fh:
         writer = csv.writer(fh)
         writer.writerow(["layer", "params", "sparsity"])
         writer.writerows([name, n, s] for name, (n, s) in summary["layers"].items())
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
 
 
 def _pyplot():
@@ -48,6 +51,15 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save_figure(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    try:
+        with atomic_write(path) as fh:
+            fig.savefig(fh, format="png", dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def plot_curves(rows: list[dict[str, float]], path: Path) -> Path | None:
@@ -68,9 +80,7 @@ def plot_curves(rows: list[dict[str, float]], path: Path) -> Path | None:
         ax.set_ylabel(kind)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_figure(plt, fig, path)
     return path
 
 
@@ -89,9 +99,7 @@ def plot_sparsity(layers: dict[str, tuple[int, float]], path: Path, target: floa
     if target is not None:
         ax.axvline(target, color="tab:red", linestyle="--", label=f"target {target:g}")
         ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_figure(plt, fig, path)
     return path
 
 
@@ -130,5 +138,7 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 
 def checkpoint_state(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint on the CPU (full pickle: checkpoints written by this app hold callback states)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Load a checkpoint on the CPU as data only (``weights_only=True``): a user-supplied file is
+    never unpickled as code, whatever objects it names (what the app writes is tensors and
+    plain containers, which load this way)."""
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch.utils.data import DataLoader
 
+from lightning_mfac._files import atomic_save
 from lightning_mfac.callbacks._guards import check_strategy
 from lightning_mfac.optim.masking import broadcast_masks
 from lightning_mfac.pruning.config import OBSConfig
@@ -203,7 +204,7 @@ class OBSPruning(Callback):
         if path is None and self.make_permanent:
             path = os.path.join(trainer.default_root_dir, "obs_pruning_sparse.pt")
         if path is not None and trainer.is_global_zero:
-            torch.save(sparse_state_dict(pl_module, self.masks), path)
+            atomic_save(sparse_state_dict(pl_module, self.masks), path)
             self.exported_to = path
         if self.make_permanent:
             self._remove_hooks()

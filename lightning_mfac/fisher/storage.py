@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lightning_mfac._files import atomic_save, plain_file_name
 from lightning_mfac.fisher.config import STORAGES
 from lightning_mfac.fisher.kernels import WindowKernels, resolve_kernels
 
@@ -50,6 +52,8 @@ CHECKPOINT_FORMAT = "mfac-window/1"
 #: A sharded window's checkpoint: a manifest of per-rank files, each in ``SHARD_FILE_FORMAT``.
 SHARDED_CHECKPOINT_FORMAT = "mfac-window-sharded/1"
 SHARD_FILE_FORMAT = "mfac-window-shard/1"
+#: The name of a per-rank window file (see ``ShardedWindow.state_dict``).
+WINDOW_FILE_NAME = re.compile(r"window-\d{8}-\d{6}-[0-9a-f]{12}-rank\d{5}-of-\d{5}\.pt")
 #: Where a sharded window writes its per-rank files when its config names no ``shard_dir``.
 DEFAULT_SHARD_DIR = "mfac-window-shards"
 
@@ -564,10 +568,9 @@ class ShardedWindow(WindowStorage):
         mine = WindowStorage.state_dict(self)
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, files[self.rank][2])
-        # Written under a temporary name and renamed: a crash mid-write leaves no truncated file
-        # under the name a checkpoint refers to.
-        torch.save({**mine, "format": SHARD_FILE_FORMAT, "lo": self.lo, "hi": self.hi}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        # A crash or a full disk mid-write leaves no truncated file under the name a checkpoint
+        # refers to (lightning_mfac._files).
+        atomic_save({**mine, "format": SHARD_FILE_FORMAT, "lo": self.lo, "hi": self.hi}, path)
         dist.barrier(group=self.group)
         return {
             "format": SHARDED_CHECKPOINT_FORMAT,
@@ -593,6 +596,8 @@ def _shard_file_blocks(state: dict[str, Any], lo: int, hi: int, shard_dir: str |
     mapped, so only the blocks used are read): one file when the shard split is unchanged. Files are
     looked up in ``shard_dir`` first (a moved run directory), then where they were written."""
     for c0, c1, name in state["files"]:
+        # A crafted manifest must not read files outside the shard folder.
+        plain_file_name(name, "sharded window checkpoint")
         if c1 <= lo or c0 >= hi:
             continue
         candidates = [os.path.join(d, name) for d in (shard_dir, state["directory"]) if d]

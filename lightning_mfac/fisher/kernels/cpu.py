@@ -40,7 +40,7 @@ from numba.core.errors import TypingError
 from numba.extending import intrinsic, overload
 
 from lightning_mfac.fisher.kernels import _checks
-from lightning_mfac.fisher.kernels.reference import TorchKernels
+from lightning_mfac.fisher.kernels.reference import TorchKernels, mirror_upper_
 
 _FASTMATH = {"reassoc", "contract"}
 _JIT = {"cache": True, "nogil": True, "fastmath": _FASTMATH, "error_model": "numpy"}
@@ -415,7 +415,7 @@ class CpuKernels:
         res = torch.zeros(m, m, dtype=torch.float64, device=rows.device) if out is None else out
         if rows.dtype == torch.float64:
             # Nothing to widen: BLAS reads the (strided) window in place.
-            return res.addmm_(rows, rows.t()) if n else res
+            return mirror_upper_(res.addmm_(rows, rows.t())) if n else res
         flat = _flat(rows) if rows.numel() else None
         if flat is None:
             return self._reference.gram(rows, res)
@@ -428,4 +428,4 @@ class CpuKernels:
             tile = buf[: m * w].view(m, w)
             _widen_tile(g, ld, m, c0, w, view[: m * w].reshape(m, w))
             res.addmm_(tile, tile.t())
-        return res
+        return mirror_upper_(res)

@@ -24,6 +24,16 @@ def two_pass_block_woodbury(kern, rows, x, block, factor, damp, out=None):
     return res if out is None else out.copy_(res)
 
 
+
+def mirror_upper_(gram: torch.Tensor) -> torch.Tensor:
+    """Copy the upper triangle of ``gram`` onto its lower one, in place: a BLAS ``A @ A.T`` is
+    symmetric only up to rounding on some CPUs (the two triangles are summed in different orders),
+    and the Gram matrix must be exactly symmetric for its Cholesky factor and eigendecomposition
+    to be the same on every machine."""
+    lower = torch.tril_indices(gram.shape[0], gram.shape[1], -1, device=gram.device)
+    gram[lower[0], lower[1]] = gram[lower[1], lower[0]]
+    return gram
+
 class TorchKernels:
     """Reference path: widen a bounded column tile to float64, multiply with BLAS."""
 
@@ -100,4 +110,4 @@ class TorchKernels:
         res = torch.zeros(m, m, dtype=torch.float64, device=rows.device) if out is None else out
         for _, _, tile in self._tiles(rows):
             res += tile @ tile.t()
-        return res
+        return mirror_upper_(res)
