@@ -47,6 +47,27 @@ class CollectiveCounter:
             setattr(dist, name, fn)
 
 
+def _save_with_a_full_disk_on_rank_1(sharded, rank: int) -> str | None:
+    """Save while rank 1 cannot write more than 64 bytes (a real EFBIG from the kernel): both ranks
+    must fail with DiskFullError, none may wait forever for the other."""
+    import resource
+    import signal
+
+    from lightning_mfac._files import DiskFullError
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if rank == 1:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, hard))
+    try:
+        sharded.state_dict()
+        return None
+    except DiskFullError as err:
+        return err.strerror
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
 def _worker(rank: int, world: int, init: str, out: str) -> None:
     sys.path.insert(0, os.path.dirname(__file__))
     try:
@@ -80,8 +101,10 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
             a, b = resumed.update_mul(g), single.update_mul(g)
             errs.append(float((a - b).abs().max()))
             assert torch.equal(a, sharded.update_mul(g))  # resume is exact
+        full = _save_with_a_full_disk_on_rank_1(sharded, rank)
         torch.save(
-            {"errs": errs, "covered": covered, "local": (lo, hi), "collectives": collectives.calls},
+            {"errs": errs, "covered": covered, "local": (lo, hi), "collectives": collectives.calls, "full": full,
+             "left": sorted(os.listdir(out + "-shards"))},
             f"{out}.{rank}",
         )
         dist.destroy_process_group()
@@ -98,12 +121,16 @@ def test_sharded_window_steps_checkpoint_and_resume(tmp_path) -> None:
         assert "error" not in res, f"rank {r}:\n{res.get('error')}"
         assert max(res["errs"]) < 1e-10
     # Each rank's file holds exactly its own columns, and saving moved no window data between ranks:
-    # rank 0 broadcasts the save's name, then a barrier.
+    # rank 0 broadcasts the save's name, then one all-reduce of a flag says every rank wrote its file.
     for res in results:
         lo, hi = res["local"]
         assert res["covered"][0][0] == lo and res["covered"][-1][1] == hi
         assert all(lo <= c0 < c1 <= hi for c0, c1 in res["covered"])
-        assert res["collectives"] == ["broadcast_object_list", "barrier"]
+        assert res["collectives"] == ["broadcast_object_list", "all_reduce"]
+    # A full disk on one rank fails the save on every rank, in one clear line, without a partial file.
+    assert results[1]["full"].startswith("file size limit reached writing ") and "rank00001" in results[1]["full"]
+    assert results[0]["full"].startswith("no space left on device: another rank could not write")
+    assert not any(name.startswith(".") for name in results[1]["left"])
     assert results[0]["local"][1] == results[1]["local"][0] and results[1]["local"][1] == D
     # The checkpoint also restores into a single-process window (reading both files), from where the
     # shards were written or, once moved, from the directory the config names.

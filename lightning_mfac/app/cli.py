@@ -605,8 +605,9 @@ def _hydra_main(cfg: DictConfig) -> float:
         raise SystemExit(2 if isinstance(err, ConfigError) else 1) from None
     except DiskFullError as err:
         # Every file was written whole or not at all: the last good checkpoint is still there.
-        print(f"mfac-train: error: {err.strerror}; free space there (or set hydra.run.dir to another disk) "
-              "and resume with ckpt_path=<the last checkpoint>.", file=sys.stderr, flush=True)
+        if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:  # one line, not one per rank
+            print(f"mfac-train: error: {err.strerror}; free space there (or set hydra.run.dir to another disk) "
+                  "and resume with ckpt_path=<the last checkpoint>.", file=sys.stderr, flush=True)
         if multirun:
             raise
         raise SystemExit(1) from None

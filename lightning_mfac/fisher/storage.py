@@ -25,6 +25,7 @@ Layouts:
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -37,7 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lightning_mfac._files import atomic_save, plain_file_name
+from lightning_mfac._files import DiskFullError, atomic_save, plain_file_name
 from lightning_mfac.fisher.config import STORAGES
 from lightning_mfac.fisher.kernels import WindowKernels, resolve_kernels
 
@@ -570,8 +571,22 @@ class ShardedWindow(WindowStorage):
         path = os.path.join(directory, files[self.rank][2])
         # A crash or a full disk mid-write leaves no truncated file under the name a checkpoint
         # refers to (lightning_mfac._files).
-        atomic_save({**mine, "format": SHARD_FILE_FORMAT, "lo": self.lo, "hi": self.hi}, path)
-        dist.barrier(group=self.group)
+        failure: OSError | None = None
+        try:
+            atomic_save({**mine, "format": SHARD_FILE_FORMAT, "lo": self.lo, "hi": self.hi}, path)
+        except OSError as err:
+            failure = err
+        # In place of a barrier: every rank learns whether all files were written, so a rank whose
+        # disk is full fails the save everywhere instead of leaving the others waiting forever.
+        failed = torch.tensor([0 if failure is None else 1 + isinstance(failure, DiskFullError)], device=self.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
+        if failure is not None:
+            raise failure
+        if int(failed.item()) == 2:
+            raise DiskFullError(errno.ENOSPC, f"no space left on device: another rank could not write its "
+                                              f"sharded window file into {directory}")
+        if int(failed.item()) == 1:
+            raise OSError(f"sharded window checkpoint: another rank could not write its file into {directory}")
         return {
             "format": SHARDED_CHECKPOINT_FORMAT,
             "rows": self.rows,
