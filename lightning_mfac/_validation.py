@@ -34,6 +34,21 @@ def positive_float(name: str, value: Any) -> float:
     return float(value)
 
 
+#: Dampings whose reciprocal a float32 window step can represent: beyond them the step
+#: underflows to zero (1e300: nothing trains) or overflows (1e-300).
+DAMP_RANGE = (float(torch.finfo(torch.float32).tiny), 1.0 / float(torch.finfo(torch.float32).tiny))
+
+
+def damping(name: str, value: Any) -> float:
+    value = positive_float(name, value)
+    low, high = DAMP_RANGE
+    if not low <= value <= high:
+        raise ValueError(f"{name}={value!r} is out of range: expected a damping in [{low:.3g}, {high:.3g}] "
+                         "(its reciprocal scales the step, and outside this range it underflows or "
+                         "overflows float32).")
+    return value
+
+
 def nonnegative_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name}={value!r} is invalid: expected a finite number >= 0.")

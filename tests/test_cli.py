@@ -134,6 +134,7 @@ def test_run_folder_label_carries_the_overrides():
         (["data=cifar10", "data.data_dir=/nonexistent/cifar"], "data.data_dir='/nonexistent/cifar'"),
         (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path='/nonexistent/last.ckpt' does not exist"),
         (["optimizer=mfac", "preconditioner=mfac"], "precondition every gradient twice"),
+        (["optimizer.damp=1e300"], "optimizer.damp=1e+300 is out of range"),
     ],
 )
 def test_bad_values_fail_before_training_naming_the_key(overrides, message):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 
 import pytest
 import torch
@@ -478,3 +479,22 @@ def test_bad_damp_mode():
     p = list(_model().parameters())
     with pytest.raises(ValueError, match=r"param_groups\[1\]: damp_mode='relative' differs"):
         MFAC([{"params": p[:2]}, {"params": p[2:], "damp_mode": "relative"}])
+
+
+def test_a_parameter_listed_twice_is_refused_naming_both_positions():
+    import warnings
+
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.optim's own 'duplicate parameters' warning
+        with pytest.raises(ValueError, match=r"index 2, shape \(3,\).*same tensor as parameter index 0"):
+            MFAC([p, q, p], ngrads=2)
+    MFAC([p, q], ngrads=2)  # each once: fine
+
+
+@pytest.mark.parametrize("damp", [1e300, 1e-300])
+def test_a_damping_whose_step_underflows_or_overflows_is_refused(damp):
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match=re.escape(f"damp={damp!r} is out of range: expected a damping in")):
+        MFAC([p], ngrads=2, damp=damp)
+    MFAC([p], ngrads=2, damp=1e6)  # a huge but representable damping (the identity ablation) is fine

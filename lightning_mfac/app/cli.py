@@ -29,6 +29,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lightning_mfac import _validation as check
 from lightning_mfac._files import DiskFullError
 from lightning_mfac.app import config_dir
 from lightning_mfac.app.callbacks import MetricHistory, TrainingDiverged
@@ -130,6 +131,12 @@ def validate_config(cfg: DictConfig) -> None:
     for node in ("optimizer", "preconditioner"):
         _number(cfg, f"{node}.ngrads", minimum=1, integer=True)
         _number(cfg, f"{node}.damp", minimum=0, strict=True)
+        damp = OmegaConf.select(cfg, f"{node}.damp", default=None)
+        if damp is not None:
+            try:  # the library's range (the step's float32 arithmetic), checked before any training
+                check.damping(f"{node}.damp", damp)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
     for key in ("pruning.sparsity", "pruning.callback.sparsity"):
         _number(cfg, key, minimum=0, below=1)
     for key in ("pruning.obs.ngrads", "pruning.obs.recomputations", "pruning.callback.obs.recomputations"):

@@ -99,7 +99,7 @@ class MFACPreconditioner(Callback):
         damp_mode: str = "absolute",
     ) -> None:
         self.ngrads = check.positive_int("ngrads", ngrads)
-        self.damp = check.positive_float("damp", damp)
+        self.damp = check.damping("damp", damp)
         self.weight_decay = check.nonnegative_float("weight_decay", weight_decay)
         self.window = WindowConfig.coerce(window)
         self.params = name_patterns(params)

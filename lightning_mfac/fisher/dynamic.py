@@ -82,7 +82,7 @@ class DynamicFisherInverse:
         reject_legacy_arguments("DynamicFisherInverse", legacy)
         self.dim = check.positive_int("dim", dim)
         self.ngrads = check.positive_int("ngrads", ngrads)
-        self.damp = check.positive_float("damp", damp)
+        self.damp = check.damping("damp", damp)
         self.damp_mode = check.one_of("damp_mode", damp_mode, DAMP_MODES)
         self.config = WindowConfig.coerce(window)
         self.dtype = self.config.resolved_dtype(torch.float32)

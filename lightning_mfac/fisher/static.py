@@ -79,7 +79,7 @@ class StaticFisherInverse:
                 f"grads has shape {(m, d)}: expected at least one gradient of at least one coordinate."
             )
         check_finite("grads", grads)
-        self.damp = check.positive_float("damp", damp)
+        self.damp = check.damping("damp", damp)
         self.ngrads, self.dim = m, d
         self.block_size = d if block_size is None else min(check.positive_int("block_size", block_size), d)
         if self.config.storage == "sharded":

@@ -42,9 +42,14 @@ def check_parameters(params: Sequence[torch.Tensor], owner: str, names: Sequence
     if names is not None and len(names) != len(params):
         raise ValueError(f"{owner}: {len(names)} names for {len(params)} parameters.")
     device = params[0].device
+    first: dict[int, int] = {}
     for i, p in enumerate(params):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{owner}: parameter index {i} is a {type(p).__name__}: expected a torch.Tensor.")
+        # Twice in one window, a tensor would get two coordinate ranges and its step applied twice.
+        if first.setdefault(id(p), i) != i:
+            raise ValueError(f"{owner}: {describe(i, p, names)} is the same tensor as parameter index "
+                             f"{first[id(p)]}: expected each parameter once.")
         if p.layout != torch.strided or p.is_complex() or not p.is_floating_point():
             raise ValueError(
                 f"{owner}: {describe(i, p, names)} has layout {p.layout}: expected dense (strided) real "

@@ -245,7 +245,7 @@ def _check_hyperparameters(group: Mapping[str, Any], where: str) -> None:
         check.in_unit_interval("momentum", group["momentum"])
         check.nonnegative_float("weight_decay", group["weight_decay"])
         check.positive_int("ngrads", group["ngrads"])
-        check.positive_float("damp", group["damp"])
+        check.damping("damp", group["damp"])
         check.one_of("damp_mode", group["damp_mode"], DAMP_MODES)
     except ValueError as err:
         raise ValueError(f"{prefix}{err}") from None

@@ -57,7 +57,7 @@ class OBSConfig:
     def __post_init__(self) -> None:
         check.one_of("method", self.method, METHODS)
         object.__setattr__(self, "ngrads", check_ngrads(self.ngrads))
-        object.__setattr__(self, "damp", check.positive_float("damp", self.damp))
+        object.__setattr__(self, "damp", check.damping("damp", self.damp))
         if self.block_size is not None:
             object.__setattr__(self, "block_size", check.positive_int("block_size", self.block_size))
         object.__setattr__(self, "recomputations", check.positive_int("recomputations", self.recomputations))
