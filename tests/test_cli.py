@@ -246,6 +246,22 @@ def test_resume_from_bad_checkpoints_is_one_clear_error(quickstart_task, tmp_pat
     _resume(cfg, task, tmp_path, good)  # the same model resumes
 
 
+def test_resume_of_a_ddp_checkpoint_without_its_window_files_is_refused(quickstart_task, tmp_path):
+    from lightning_mfac.fisher.storage import SHARDED_CHECKPOINT_FORMAT
+
+    cfg, task = quickstart_task
+    manifest = {"format": SHARDED_CHECKPOINT_FORMAT, "rows": 4, "dim": 9, "dtype": "torch.float32",
+                "directory": str(tmp_path / "mfac-window-shards"),
+                "files": [(0, 5, "window-20261205-120000-0123456789ab-rank00000-of-00002.pt")]}
+    state = {"state_dict": task.state_dict(),
+             "callbacks": {"MFACPreconditioner{}": {"preconditioners": {0: {"fisher": {"window": manifest}}}}}}
+    with pytest.raises(ConfigError, match=r"sharded M-FAC window file .*rank00000-of-00002.pt.*does not exist"):
+        _resume(cfg, task, tmp_path, state)
+    manifest["files"] = [(0, 5, "../../etc/passwd")]
+    with pytest.raises(ConfigError, match=r"bad sharded-window manifest: .*not a plain file name"):
+        _resume(cfg, task, tmp_path, state)
+
+
 def test_resume_of_a_pruned_run_without_pruning_is_refused(quickstart_task, tmp_path):
     cfg, task = quickstart_task
     pruned = {"state_dict": task.state_dict(), "callbacks": {"OBSPruning{'sparsity': 0.7}": {"masks": {}}}}

@@ -43,7 +43,7 @@ from lightning_mfac.app.report import (
     write_tables,
 )
 from lightning_mfac.app.tasks import ImageClassifier, LanguageModel, SequenceClassifier
-from lightning_mfac.callbacks.window_shards import use_window_shard_checkpoint_io
+from lightning_mfac.callbacks.window_shards import use_window_shard_checkpoint_io, window_files
 from lightning_mfac.fisher.storage import DEFAULT_SHARD_DIR
 
 TASKS = {"image": ImageClassifier, "sequence": SequenceClassifier, "language_model": LanguageModel}
@@ -268,6 +268,18 @@ def check_resume(cfg: DictConfig, task: pl.LightningModule) -> None:
             f"{len(missing)} missing, {len(unexpected)} unexpected and {len(shapes)} mis-shaped tensors "
             f"(e.g. {example!r})."
         )
+    try:
+        files = list(window_files(state))
+    except (ValueError, KeyError, TypeError) as err:  # a crafted or damaged manifest
+        raise ConfigError(f"ckpt_path={str(path)!r} holds a bad sharded-window manifest: {err}") from None
+    for file in files:
+        # A DDP run's window lives in per-rank files beside the checkpoint; without them the resume
+        # would fail inside fit, after the run folder and the logger were set up.
+        if not Path(file).is_file():
+            raise ConfigError(
+                f"ckpt_path={str(path)!r} refers to the sharded M-FAC window file {file!r}, which does not "
+                "exist: copy the run's mfac-window-shards folder along with the checkpoint."
+            )
     pruned = [k for k in state.get("callbacks", {}) if str(k).startswith("OBSPruning")]
     if pruned and OmegaConf.select(cfg, "pruning.kind", default=None) != "gradual":
         raise ConfigError(
