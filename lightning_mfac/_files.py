@@ -21,7 +21,7 @@ import errno
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import IO, Any
 
 import torch
@@ -31,7 +31,6 @@ __all__ = [
     "atomic_save",
     "atomic_write",
     "atomic_write_text",
-    "atomic_write_with",
     "is_temporary",
     "plain_file_name",
 ]
@@ -133,13 +132,6 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_write(path, "w") as fh:
         fh.write(text)
-
-
-def atomic_write_with(path: str | os.PathLike, write: Callable[[IO[Any]], None], mode: str = "wb") -> None:
-    """Call ``write(file)`` on the temporary file of :func:`atomic_write` (for writers such as
-    ``Figure.savefig`` or ``csv.writer`` that take an open file)."""
-    with atomic_write(path, mode) as fh:
-        write(fh)
 
 
 def plain_file_name(name: Any, what: str) -> str:

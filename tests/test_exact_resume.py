@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.data import _update_dataloader
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from lit_models import quiet_trainer
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from lightning_mfac import MFAC
@@ -52,13 +53,8 @@ def fit(
         optimizer=OPTIMIZERS[optimizer],
     )
     options = dict(limit_train_batches=5, limit_val_batches=0, num_sanity_val_steps=0)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
+    trainer = quiet_trainer(
         max_epochs=epochs,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         enable_checkpointing=checkpoint is not None,
         callbacks=[checkpoint] if checkpoint is not None else [],
         default_root_dir=str(root),
@@ -192,15 +188,7 @@ def test_the_train_loader_starts_where_each_checkpoint_left_off(tmp_path):
         sampler = dm.train_dataloader().sampler
         assert (sampler.epoch, sampler.pending_skip) == (step // 5, step % 5 * 16), step
     # Under DDP the distributed sampler cannot continue the epoch: said so.
-    dm.trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    dm.trainer = quiet_trainer(devices=2, strategy="ddp")
     dm.trainer.fit_loop.load_state_dict(
         torch.load(folder / "step=8.ckpt", weights_only=True)["loops"]["fit_loop"]
     )
@@ -282,15 +270,7 @@ def test_ddp_train_loader_keeps_the_distributed_order():
     dm = DigitsDataModule(batch_size=10, seed=3)
     dm.setup("fit")
     # A DDP Trainer that is never fitted: only its world size is read.
-    dm.trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    dm.trainer = quiet_trainer(devices=2, strategy="ddp")
     assert dm.trainer.world_size == 2
     loader = dm.train_dataloader()
     # A RandomSampler, which Lightning replaces by a DistributedSampler (a sampler of our own would
