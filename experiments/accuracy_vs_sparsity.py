@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def _run(method: str, sparsity: float, seed: int, extra: list[str], out: Path) -> dict:
-    cmd = [sys.executable, "-m", "lightning_mfac.app.cli", f"pruning={method}",
+    cmd = [sys.executable, "-m", "lightning_mfac.app", f"pruning={method}",
            f"pruning.callback.sparsity={sparsity}", f"seed={seed}", "logger=none",
            "trainer.enable_progress_bar=false", f"hydra.run.dir={out}", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"})

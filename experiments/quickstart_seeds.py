@@ -26,7 +26,7 @@ DEFAULT_ARMS = ["M-FAC (default)=", "SGD=optimizer=sgd"]
 
 
 def run(overrides: list[str], seed: int, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "lightning_mfac.app.cli", f"seed={seed}", "logger=none",
+    cmd = [sys.executable, "-m", "lightning_mfac.app", f"seed={seed}", "logger=none",
            "trainer.enable_progress_bar=false", f"hydra.run.dir={out}", *overrides]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"})

@@ -21,6 +21,7 @@ _LAZY = {
     "oneshot_prune": "lightning_mfac.pruning",
     "OBSConfig": "lightning_mfac.pruning",
     "WindowConfig": "lightning_mfac.fisher.config",
+    "DynamicConfig": "lightning_mfac.fisher.config",
 }
 
 __all__ = ["DynamicFisherInverse", "StaticFisherInverse", *_LAZY]

@@ -24,14 +24,15 @@ pytest.importorskip("pytorch_optimizer")
 
 from lightning_mfac.app import config_dir
 from lightning_mfac.app.baselines import SINGD, muon, shampoo, singd, soap, unsupported_singd_layers  # noqa: E402
-from lightning_mfac.app.cli import build_datamodule, build_task, validate_config  # noqa: E402
+from lightning_mfac.app.assembly import build_datamodule, build_task  # noqa: E402
+from lightning_mfac.app.checks import validate_config  # noqa: E402
 from lightning_mfac.app.models import quickstart_cnn  # noqa: E402
 from lightning_mfac.app.tasks import ImageClassifier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # The console script's entry point, run with this interpreter (a stale `mfac-train` on PATH may
 # belong to another checkout).
-MFAC_TRAIN = [sys.executable, "-m", "lightning_mfac.app.cli"]
+MFAC_TRAIN = [sys.executable, "-m", "lightning_mfac.app"]
 BASELINES = ["singd", "shampoo", "soap", "muon"]
 
 

@@ -18,25 +18,18 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lightning_mfac.app import config_dir
+from lightning_mfac.app.assembly import build_callbacks, build_datamodule, build_task
 from lightning_mfac.app.callbacks import StopOnDivergence, TrainingDiverged
-from lightning_mfac.app.cli import (
-    ConfigError,
-    _run_label,
-    build_callbacks,
-    build_datamodule,
-    build_task,
-    check_resume,
-    fit_pruning_schedule,
-    validate_config,
-)
+from lightning_mfac.app.checks import ConfigError, check_resume, fit_pruning_schedule, validate_config
 from lightning_mfac.app.report import global_sparsity, layer_sparsity
+from lightning_mfac.app.run import _run_label
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = config_dir()
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 # The console script's entry point, run with this interpreter (a stale `mfac-train` on PATH may
 # belong to another checkout).
-MFAC_TRAIN = [sys.executable, "-m", "lightning_mfac.app.cli"]
+MFAC_TRAIN = [sys.executable, "-m", "lightning_mfac.app"]
 # Tiny settings: a couple of batches per epoch, windows of 4 gradients.
 TINY = [
     "+trainer.limit_train_batches=4",
@@ -135,6 +128,17 @@ def test_run_folder_label_carries_the_overrides():
         (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path='/nonexistent/last.ckpt' does not exist"),
         (["optimizer=mfac", "preconditioner=mfac"], "precondition every gradient twice"),
         (["optimizer.damp=1e300"], "optimizer.damp=1e+300 is out of range"),
+        (["+optimizer.foo=1"], "optimizer.foo is not a parameter of MFAC"),
+        (["optimizer.window.dtype=int8"], "optimizer.window.dtype='int8' is invalid"),
+        (["+optimizer.window.foo=1"], "optimizer.window: unknown setting(s) ['foo']"),
+        (["+optimizer.damp_mode=rel"], "optimizer.damp_mode='rel' is invalid: expected one of ['absolute', 'relative']"),
+        (["pruning.callback.obs.ngrads=0"], "pruning.callback.obs.ngrads=0 is invalid"),
+        (["pruning=oneshot", "pruning.obs.recomputations=0"], "pruning.obs.recomputations=0"),
+        (["+trainer.max_epoch=3"], "trainer.max_epoch is not a parameter of Trainer: did you mean trainer.max_epochs?"),
+        (["preconditioner=mfac", "optimizer=sgd", "+preconditioner.ngrad=3"],
+         "preconditioner.ngrad is not a parameter of MFACPreconditioner: did you mean preconditioner.ngrads?"),
+        (["optimizer._target_=lightning_mfac.NoSuchOptimizer"],
+         "optimizer._target_='lightning_mfac.NoSuchOptimizer' cannot be imported"),
     ],
 )
 def test_bad_values_fail_before_training_naming_the_key(overrides, message):
@@ -304,12 +308,21 @@ def test_stop_on_divergence():
 
 
 # ---------------------------------------------------------------------- real processes
-def test_console_script_errors_are_one_line_and_leave_nothing(tmp_path):
+def test_console_script_errors_are_one_line_and_leave_nothing(tmp_path, tmp_path_factory):
+    blocker = tmp_path_factory.mktemp("elsewhere") / "a-file"  # an output folder below a file
+    blocker.write_text("")
     for args, needle, status in (
         (["optimizer.lr=-1"], "optimizer.lr=-1 is out of range", 2),
         (["optimizer=mfac", "preconditioner=mfac"], "precondition every gradient twice", 2),
         (["ckpt_path=nothing/here.ckpt"], "ckpt_path='nothing/here.ckpt' does not exist", 2),
         (["model.width=abc"], "model:", 2),
+        (["+optimizer.foo=1"], "optimizer.foo is not a parameter of MFAC", 2),
+        # A window of 10⁸ gradients of the quickstart CNN: terabytes, refused before allocating.
+        (["optimizer.ngrads=100000000"], "optimizer.ngrads=100000000: the M-FAC window needs", 2),
+        (["+data.val_fraction=0.6", "+data.test_fraction=0.5"],
+         "data: val_fraction=0.6 + test_fraction=0.5 leaves no training images", 2),
+        (["+data.val_fraction=0.0"], "data: the val split of DigitsDataModule is empty (data.val_fraction=0.0)", 2),
+        ([f"hydra.run.dir={blocker}/run"], f"hydra.run.dir='{blocker}/run' cannot hold the run's outputs", 2),
     ):
         proc = _run(args, tmp_path)
         assert proc.returncode == status, proc.stderr[-3000:]

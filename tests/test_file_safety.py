@@ -56,7 +56,7 @@ def test_a_hostile_checkpoint_never_runs_in_mfac_train(tmp_path):
     path = _hostile_checkpoint(tmp_path / "evil.ckpt", marker)
     env = {**os.environ, "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_mfac.app.cli", "logger=none", f"ckpt_path={path}",
+        [sys.executable, "-m", "lightning_mfac.app", "logger=none", f"ckpt_path={path}",
          f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -183,7 +183,7 @@ def test_a_full_disk_in_mfac_train_is_one_line_naming_the_disk(small_tmpfs, tmp_
     env = {**os.environ, "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT)}
     run = small_tmpfs / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_mfac.app.cli", "logger=none", "optimizer=sgd", "pruning=none",
+        [sys.executable, "-m", "lightning_mfac.app", "logger=none", "optimizer=sgd", "pruning=none",
          "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
          "+trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", "model.width=256",
          f"hydra.run.dir={run}"],

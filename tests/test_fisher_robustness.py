@@ -232,7 +232,7 @@ def test_unknown_storage() -> None:
     with pytest.raises(ValueError, match=r"storage='disk'"):
         DynamicFisherInverse(10, 4, window=WindowConfig(storage="disk"))
     with pytest.raises(ValueError, match=r"storage='disk'"):
-        make_window(4, 10, torch.float32, "cpu", storage="disk")
+        make_window({"storage": "disk"}, 4, 10, "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, "half", torch.int32, "fp8"])
@@ -284,3 +284,30 @@ def test_shard_dir_is_a_path_or_none(tmp_path) -> None:
     for bad in ("", 3):
         with pytest.raises(ValueError, match=rf"shard_dir={bad!r} is invalid: expected a directory path or None"):
             WindowConfig(shard_dir=bad)
+
+
+# ------------------------------------------------------------------ windows larger than memory
+HUGE = 10**9  # gradients: 10⁹ × 10⁴ float32 coordinates is 36 TiB, more than any machine here has
+
+
+def test_a_window_larger_than_memory_is_refused_before_allocating() -> None:
+    from lightning_mfac.fisher.storage import WindowMemoryError
+
+    with pytest.raises(WindowMemoryError, match=r"needs 36\.4 TiB \(1000000000 gradients × 10000 coordinates × 4 bytes"):
+        DynamicFisherInverse(10_000, HUGE, 1e-3)
+    with pytest.raises(MemoryError, match="lower ngrads, store it in bfloat16"):
+        make_window({"dtype": "bfloat16"}, HUGE, 10_000, "cpu")
+
+
+def test_the_optimizer_and_oneshot_pruning_refuse_a_huge_window_naming_its_size() -> None:
+    from lightning_mfac import MFAC, oneshot_prune
+    from lightning_mfac.fisher.storage import WindowMemoryError
+
+    model = torch.nn.Linear(100, 100)
+    opt = MFAC(model.parameters(), lr=0.1, ngrads=HUGE, damp=1e-2)
+    model(torch.randn(2, 100)).sum().backward()
+    with pytest.raises(WindowMemoryError, match="1000000000 gradients × 10100 coordinates"):
+        opt.step()
+    batches = [torch.randn(2, 100)]
+    with pytest.raises(WindowMemoryError, match="1000000000 gradients × 10000 coordinates"):
+        oneshot_prune(model, lambda m, x: m(x).sum(), batches, 0.5, obs={"ngrads": HUGE})

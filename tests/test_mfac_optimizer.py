@@ -399,7 +399,7 @@ def test_window_config_reaches_the_window_and_matches_dense(window):
     want = WindowConfig.coerce(window)
     assert opt.window == want
     fisher = opt._pre.fisher
-    assert fisher.config.kernels == want.kernels and fisher.dtype == torch.float64
+    assert fisher.config.window.kernels == want.kernels and fisher.dtype == torch.float64
     assert fisher.window.kernels.name == resolve_kernels(want.kernels, "cpu").name
     assert fisher.refactor_every == (want.refactor_every or m)
 

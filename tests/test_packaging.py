@@ -30,7 +30,7 @@ def test_every_package_is_in_the_wheel_list():
     assert listed - found == {"lightning_mfac.app.conf"}
     assert found - listed == set(), f"add these to [tool.setuptools] packages: {sorted(found - listed)}"
     assert _pyproject()["tool"]["setuptools"]["package-dir"] == {"lightning_mfac.app.conf": "conf"}
-    assert _pyproject()["project"]["scripts"]["mfac-train"] == "lightning_mfac.app.cli:main"
+    assert _pyproject()["project"]["scripts"]["mfac-train"] == "lightning_mfac.app.main:main"
 
 
 #: Third-party modules the package may import without them being core dependencies, and why.
@@ -44,17 +44,18 @@ OPTIONAL_IMPORTS = {
 }
 
 
-def test_every_module_the_package_imports_is_a_declared_dependency():
-    """`pip install .` must be enough for `mfac-train` (the README's main command): every
-    third-party import of the package is a core dependency, or an extra that is imported lazily."""
-    import importlib.metadata as md
+def _declared(deps: list[str]) -> set[str]:
     import re
 
-    declared = {re.split(r"[<>=!~ ;\[]", dep, maxsplit=1)[0].lower().replace("_", "-")
-                for dep in _pyproject()["project"]["dependencies"]}
+    return {re.split(r"[<>=!~ ;\[]", dep, maxsplit=1)[0].lower().replace("_", "-") for dep in deps}
+
+
+def _undeclared(paths: list[Path], declared: set[str]) -> list[str]:
+    import importlib.metadata as md
+
     dists = md.packages_distributions()
     imported = set()
-    for path in (ROOT / "lightning_mfac").rglob("*.py"):
+    for path in paths:
         imported |= {name.split(".")[0] for name in _imports(path)}
     third_party = sorted(m for m in imported - set(sys.stdlib_module_names) if m != "lightning_mfac")
     missing = []
@@ -64,7 +65,65 @@ def test_every_module_the_package_imports_is_a_declared_dependency():
         names = {d.lower().replace("_", "-") for d in dists.get(module, [module])}
         if not names & declared:
             missing.append(f"{module} (from {sorted(names)})")
-    assert not missing, f"imported but not in [project] dependencies: {missing}"
+    return missing
+
+
+def test_the_library_needs_only_the_core_dependencies():
+    """`pip install lightning-mfac` is enough for the plugin: every third-party import outside the
+    app is a core dependency (or an optional one imported lazily)."""
+    core = _declared(_pyproject()["project"]["dependencies"])
+    paths = [p for p in (ROOT / "lightning_mfac").rglob("*.py") if "app" not in p.relative_to(ROOT / "lightning_mfac").parts]
+    missing = _undeclared(paths, core)
+    assert not missing, f"imported by the library but not in [project] dependencies: {missing}"
+
+
+def test_the_app_needs_the_core_dependencies_and_its_extra():
+    """`pip install "lightning-mfac[app]"` is enough for `mfac-train` (the README's main command);
+    the main module names exactly the extra's packages it checks for."""
+    from lightning_mfac.app.main import APP_PACKAGES
+
+    project = _pyproject()["project"]
+    app = _declared(project["optional-dependencies"]["app"])
+    missing = _undeclared(list((ROOT / "lightning_mfac" / "app").rglob("*.py")), _declared(project["dependencies"]) | app)
+    assert not missing, f"imported by the app but in neither [project] dependencies nor the app extra: {missing}"
+    assert {dist for _, dist in APP_PACKAGES} == app - {"tensorboardx"}  # tensorboardX: only logger=tensorboard
+
+
+def _hiding(*names: str) -> str:
+    """Code that makes ``names`` look uninstalled to the interpreter it runs in: with None in
+    ``sys.modules``, ``import`` fails and ``find_spec`` answers None."""
+    return f"import sys\nfor name in {names!r}:\n    sys.modules[name] = None\n"
+
+
+#: Packages only the app imports. torchvision and matplotlib are left out here: lightning and torchmetrics
+#: probe them by their installed metadata and then import them, which hiding cannot emulate (the
+#: static test above covers them).
+APP_ONLY = ("hydra", "omegaconf", "wandb", "sklearn")
+
+
+def test_the_plugin_works_without_the_app_extra():
+    code = _hiding(*APP_ONLY) + (
+        "import torch\n"
+        "from lightning_mfac import MFAC, MFACPreconditioner, OBSPruning, oneshot_prune\n"
+        "p = torch.nn.Parameter(torch.ones(3))\n"
+        "opt = MFAC([p], lr=0.1, ngrads=2, damp=0.1)\n"
+        "p.grad = torch.ones(3); opt.step()\n"
+        "print(p.detach().tolist())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert all(v < 1.0 for v in eval(proc.stdout))  # the step moved against the gradient
+
+
+def test_mfac_train_without_the_app_extra_names_it_in_one_line(tmp_path):
+    code = _hiding(*APP_ONLY, "torchvision", "matplotlib") + "from lightning_mfac.app.main import main\nmain()\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines == ['mfac-train: error: the app needs hydra-core, omegaconf, wandb, torchvision, scikit-learn, '
+                     'matplotlib, which are not installed: pip install "lightning-mfac[app]".'], proc.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def _imports(path: Path) -> set[str]:
@@ -123,7 +182,7 @@ def test_wheel_carries_the_configs_and_runs_from_any_directory(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
-    code = "import sys; sys.argv = ['mfac-train', '--cfg', 'job']; from lightning_mfac.app.cli import main; main()"
+    code = "import sys; sys.argv = ['mfac-train', '--cfg', 'job']; from lightning_mfac.app.main import main; main()"
     proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "lightning_mfac.app.models.quickstart_cnn" in proc.stdout

@@ -167,6 +167,7 @@ def test_mfac_beats_magnitude_on_the_quadratic_model_of_the_loss(dense_inverse):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (paged gradients on the GPU)")
 def test_cuda_with_host_gradients_is_paged_and_matches_cpu(monkeypatch):
+    import lightning_mfac.fisher.storage.planner as planner
     import lightning_mfac.pruning.oneshot as oneshot
 
     built = []
@@ -177,7 +178,7 @@ def test_cuda_with_host_gradients_is_paged_and_matches_cpu(monkeypatch):
             built.append(self)
 
     # No room on the GPU: the gradient matrix is accumulated in host memory and paged.
-    monkeypatch.setattr(oneshot, "AUTO_DEVICE_FRACTION", 0.0)
+    monkeypatch.setattr(planner, "AUTO_DEVICE_FRACTION", 0.0)
     monkeypatch.setattr(oneshot, "StaticFisherInverse", Recording)
 
     def loss(model, batch):

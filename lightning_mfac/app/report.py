@@ -1,4 +1,5 @@
-"""What a run leaves behind: ``summary.json``, ``sparsity.csv``, PNG plots, and the console summary."""
+"""What a run leaves behind: ``summary.json``, ``sparsity.csv``, PNG plots, the W&B tables and the
+console summary."""
 
 from __future__ import annotations
 
@@ -8,12 +9,20 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lightning_mfac._files import atomic_write, atomic_write_text
+from lightning_mfac.app.callbacks import MetricHistory
+from lightning_mfac.app.checks import ConfigError
 
-__all__ = ["layer_sparsity", "plot_curves", "plot_sparsity", "print_summary", "write_tables"]
+__all__ = [
+    "checkpoint_callbacks", "layer_sparsity", "optimized_value", "plot_curves", "plot_sparsity", "print_summary",
+    "pruning_report", "run_report", "write_tables",
+]
 
 
 def layer_sparsity(model: nn.Module, names: Iterable[str] | None = None) -> list[tuple[str, int, int]]:
@@ -137,8 +146,116 @@ def print_summary(summary: dict[str, Any]) -> None:
     print("\n".join(lines), flush=True)
 
 
-def checkpoint_state(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint on the CPU as data only (``weights_only=True``): a user-supplied file is
-    never unpickled as code, whatever objects it names (what the app writes is tensors and
-    plain containers, which load this way)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+# ---------------------------------------------------------------------- the run's report
+#: Below the target by more than this (a fraction of the pruned weights), a run says so.
+UNDER_TARGET_TOLERANCE = 0.005
+
+
+def checkpoint_callbacks(trainer: pl.Trainer) -> tuple[ModelCheckpoint | None, ModelCheckpoint | None]:
+    """``(best, last)``: the monitored ModelCheckpoint and the unmonitored one that keeps the last epoch."""
+    best = last = None
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint):
+            if cb.monitor is None and last is None:
+                last = cb
+            elif cb.monitor is not None and best is None:
+                best = cb
+    return best, last
+
+
+def optimized_value(cfg: DictConfig, trainer: pl.Trainer) -> float:
+    key = str(cfg.optimized_metric)
+    value = trainer.callback_metrics.get(key)
+    if value is None:
+        logged = sorted(k for k in trainer.callback_metrics if k.startswith("val/"))
+        raise ConfigError(f"optimized_metric={key!r} was not logged by validation: expected one of {logged}.")
+    return float(value)
+
+
+def pruning_report(cfg: DictConfig, task: pl.LightningModule, trainer: pl.Trainer,
+                    oneshot_masks: dict[str, torch.Tensor] | None, schedule_note: str | None) -> dict[str, Any] | None:
+    from lightning_mfac.callbacks import OBSPruning
+
+    kind = OmegaConf.select(cfg, "pruning.kind", default=None)
+    if kind == "gradual":
+        callback = next((c for c in trainer.callbacks if isinstance(c, OBSPruning)), None)
+        if callback is None:
+            return None
+        names, target = list(callback.masks or {}), float(callback.sparsity)
+    elif kind == "oneshot" and oneshot_masks is not None:
+        names, target = list(oneshot_masks), float(cfg.pruning.sparsity)
+    else:
+        return None
+    reached = global_sparsity(layer_sparsity(task, names)) if names else 0.0
+    note = None
+    if reached < target - UNDER_TARGET_TOLERANCE:
+        note = (f"the run ended at sparsity {reached:.4f}, below its target {target:.4f} "
+                "(the schedule did not reach its last step)")
+    return {"kind": kind, "target": target, "reached": reached, "note": note, "schedule": schedule_note}
+
+
+def run_report(cfg: DictConfig, trainer: pl.Trainer, task: pl.LightningModule, output_dir: Path,
+            test_metrics: dict[str, float], logger: Any, pruning: dict[str, Any] | None,
+            objective: float) -> dict[str, Any]:
+    rows = layer_sparsity(task)
+    layers = {name: (n, z / n if n else 0.0) for name, z, n in rows}
+    best, last = checkpoint_callbacks(trainer)
+    checkpoints: dict[str, Any] = {"dir": str(best.dirpath) if best is not None else None}
+    if best is not None and best.best_model_path:
+        score = best.best_model_score
+        checkpoints["best"] = {"path": best.best_model_path, "monitor": best.monitor,
+                               "score": float(score) if score is not None else None}
+    if last is not None:
+        checkpoints["last"] = last.last_model_path or last.best_model_path or None
+    history = next((c.rows for c in trainer.callbacks if isinstance(c, MetricHistory)), [])
+    plots = [p for p in (plot_curves(history, output_dir / "curves.png"),
+                         plot_sparsity(layers, output_dir / "sparsity.png", pruning["target"] if pruning else None))
+             if p is not None]
+    summary = {
+        # What a sweep optimizes: optimized_metric of the final model on the validation set.
+        "optimized": objective,
+        "optimized_metric": str(cfg.optimized_metric),
+        "test": test_metrics,
+        "tested_model": "last" if last is not None else "end of training",
+        "global_sparsity": global_sparsity(rows),
+        "pruning": pruning,
+        "layers": layers,
+        "output_dir": str(output_dir),
+        "checkpoints": checkpoints,
+        "plots": [str(p) for p in plots],
+        "logger_dir": _logger_dir(logger),
+    }
+    if logger:
+        _log_report(logger, trainer, summary, history, plots)
+    write_tables(output_dir, summary)
+    return summary
+
+
+def _log_report(logger: Any, trainer: pl.Trainer, summary: dict[str, Any], history: list[dict[str, float]],
+                plots: list[Path]) -> None:
+    layers = summary["layers"]
+    final = {"final/global_sparsity": summary["global_sparsity"]}
+    final.update({f"final/{k}": v for k, v in summary["test"].items()})
+    logger.log_metrics(final, step=trainer.global_step)
+    if hasattr(logger, "log_table"):
+        logger.log_table(key="sparsity", columns=["layer", "params", "sparsity"],
+                         data=[[name, n, s] for name, (n, s) in layers.items()])
+        if history:
+            columns = sorted({k for row in history for k in row})
+            logger.log_table(key="curves", columns=columns,
+                             data=[[row.get(c, float("nan")) for c in columns] for row in history])
+    if hasattr(logger, "log_image"):
+        for plot in plots:  # one key each: W&B shows images of different sizes badly under one key
+            logger.log_image(key=f"plots/{plot.stem}", images=[str(plot)])
+    logger.save()
+
+
+def _logger_dir(logger: Any) -> str | None:
+    if not logger:
+        return None
+    experiment = getattr(logger, "experiment", None)
+    run_dir = getattr(experiment, "dir", None)  # W&B: <save_dir>/wandb/offline-run-*/files
+    if isinstance(run_dir, str):
+        return str(Path(run_dir).parent)
+    return getattr(logger, "log_dir", None)
+

@@ -13,8 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_mfac import _validation as check
 from lightning_mfac.callbacks._guards import check_full_gradients, check_strategy
 from lightning_mfac.callbacks.window_shards import use_window_shard_checkpoint_io
-from lightning_mfac.fisher.config import WindowConfig
-from lightning_mfac.fisher.dynamic import DAMP_MODES
+from lightning_mfac.fisher.config import DynamicConfig, WindowConfig
 from lightning_mfac.fisher.storage import DEFAULT_SHARD_DIR
 from lightning_mfac.optim.flat import FlatPreconditioner, check_masks
 from lightning_mfac.optim.grafting import GRAFTS, make_grafting
@@ -98,10 +97,10 @@ class MFACPreconditioner(Callback):
         graft: Any = None,
         damp_mode: str = "absolute",
     ) -> None:
-        self.ngrads = check.positive_int("ngrads", ngrads)
-        self.damp = check.damping("damp", damp)
+        #: The window's settings, checked once (``ngrads``, ``damp``, ``damp_mode``, ``window``).
+        cfg = self.config = DynamicConfig(ngrads, damp, damp_mode, window)
+        self.ngrads, self.damp, self.damp_mode, self.window = cfg.ngrads, cfg.damp, cfg.damp_mode, cfg.window
         self.weight_decay = check.nonnegative_float("weight_decay", weight_decay)
-        self.window = WindowConfig.coerce(window)
         self.params = name_patterns(params)
         if isinstance(optimizers, int):
             optimizers = [optimizers]
@@ -114,7 +113,6 @@ class MFACPreconditioner(Callback):
         self.save_window = bool(save_window)
         self.log_stats = bool(log_stats)
         self.graft = check.one_of("graft", graft, (None, *GRAFTS))
-        self.damp_mode = check.one_of("damp_mode", damp_mode, DAMP_MODES)
         self._start_fit()
 
     @property
@@ -138,9 +136,8 @@ class MFACPreconditioner(Callback):
         if self.window.shard_dir is None and trainer.world_size > 1:
             # A sharded window writes one checkpoint file per rank: beside the run's logs, which
             # every rank resolves to the same path (``log_dir`` is broadcast from rank 0).
-            self._window = self.window.replace(
-                shard_dir=os.path.join(trainer.log_dir or trainer.default_root_dir, DEFAULT_SHARD_DIR)
-            )
+            shard_dir = os.path.join(trainer.log_dir or trainer.default_root_dir, DEFAULT_SHARD_DIR)
+            self._config = self.config.replace(window=self.window.replace(shard_dir=shard_dir))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.optimizers is not None and max(self.optimizers) >= len(trainer.optimizers):
@@ -187,7 +184,7 @@ class MFACPreconditioner(Callback):
         if self.log_stats:
             suffix = "" if len(trainer.optimizers) == 1 else f"_{idx}"
             stats = {
-                f"mfac/window_fill{suffix}": _fill(pre),
+                f"mfac/window_fill{suffix}": pre.fill(),
                 f"mfac/ratio{suffix}": torch.linalg.vector_norm(u) / torch.linalg.vector_norm(g).clamp_min(1e-30),
                 "mfac/nonfinite_steps": self._nonfinite.to(torch.float32),
             }
@@ -246,7 +243,7 @@ class MFACPreconditioner(Callback):
     def _start_fit(self) -> None:
         """Forget everything of a previous fit: windows, parameters, pending state, counters."""
         self._pre: dict[int, FlatPreconditioner] = {}
-        self._window = self.window  # with the run's shard directory once ``setup`` knows it
+        self._config = self.config  # with the run's shard directory once ``setup`` knows it
         self._grafts: dict[int, Any] = {}
         self._names: dict[int, list[str]] = {}
         self._signatures: dict[int, tuple[int, ...]] = {}
@@ -274,15 +271,7 @@ class MFACPreconditioner(Callback):
 
     def _build(self, idx: int, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         names, params = self._select(pl_module, optimizer)
-        self._pre[idx] = FlatPreconditioner(
-            params,
-            self.ngrads,
-            self.damp,
-            window=self._window,
-            owner="MFACPreconditioner",
-            names=names,
-            damp_mode=self.damp_mode,
-        )
+        self._pre[idx] = FlatPreconditioner(params, self._config, owner="MFACPreconditioner", names=names)
         self._names[idx] = names
         if self.graft is not None:
             self._grafts[idx] = make_grafting(self.graft)
@@ -311,12 +300,11 @@ class MFACPreconditioner(Callback):
     def _window_state(self, idx: int) -> dict[str, Any]:
         pre = self._pre[idx]
         state = {
-            "names": list(self._names[idx]),
-            "ngrads": self.ngrads,
-            "damp": self.damp,
-            "damp_mode": self.damp_mode,
-            "dtype": _dtype_name(pre.fisher.dtype),
-            **pre.state_dict(include_window=self.save_window),
+            "ngrads": pre.config.ngrads,
+            "damp": pre.config.damp,
+            "damp_mode": pre.config.damp_mode,
+            "dtype": _dtype_name(pre.dtype),
+            **pre.state_dict(include_window=self.save_window),  # with the parameter names
         }
         if idx in self._grafts:
             state["graft"] = self._grafts[idx].state_dict()
@@ -336,48 +324,12 @@ class MFACPreconditioner(Callback):
                 + f" ({len(foreign)} of {len(saved)} saved parameters do not match). Resume from a checkpoint "
                 "of this model, or drop the callback state from the checkpoint."
             )
-        changes = []
         saved_names = [n for n, _ in saved]
         if saved_names == names and idx in self._grafts and state.get("graft") is not None:
             self._grafts[idx].load_state_dict(state["graft"])  # per-parameter: kept unless they changed
-        if saved_names != names:
-            changes.append(
-                f"parameters: {len(saved_names)} tensors in the checkpoint, {len(names)} selected now "
-                f"(new: {[n for n in names if n not in saved_names][:4]}, "
-                f"gone: {[n for n in saved_names if n not in names][:4]})"
-            )
-        if state["ngrads"] != self.ngrads:
-            changes.append(f"ngrads: {state['ngrads']} in the checkpoint, {self.ngrads} now")
-        dtype = _dtype_name(pre.fisher.dtype)
-        if state["dtype"] != dtype:
-            changes.append(f"window dtype: {state['dtype']} in the checkpoint, {dtype} now")
-        if changes:
-            pre.fisher.reset()
-            rank_zero_warn(
-                "MFACPreconditioner: resuming with other window settings than the checkpoint's ("
-                + "; ".join(changes)
-                + f"). The window was rebuilt empty and re-warms over the next {self.ngrads} steps."
-            )
-            return
-        old_damp, old_mode = state["damp"], state.get("damp_mode", "absolute")
-        redamp = (old_damp, old_mode) != (self.damp, self.damp_mode)
-        if redamp:
-            state = {**state, "fisher": _with_damp(state["fisher"], self.damp, self.damp_mode)}
-        if not pre.load_state_dict(state):
-            rank_zero_warn(
-                "MFACPreconditioner: the checkpoint was saved with save_window=False; the M-FAC window "
-                f"starts empty and re-warms over the next {self.ngrads} steps."
-            )
-            return
-        if redamp:
-            # S = K + m·λ·I depends on λ, the window and its Gram K do not: rebuild S from the
-            # window (mask_coordinates keeping every coordinate recomputes K and refactors).
-            pre.fisher.mask_coordinates(torch.ones(pre.dim, dtype=torch.bool, device=pre.device))
-            rank_zero_warn(
-                f"MFACPreconditioner: resuming with damp={self.damp:g} ({self.damp_mode}); the checkpoint was "
-                f"written with damp={old_damp:g} ({old_mode}). The window was kept and refactorized with "
-                f"damp={self.damp:g}."
-            )
+        message = pre.restore(state)
+        if message is not None:
+            rank_zero_warn(message)
 
     def _count_nonfinite(self, finite: torch.Tensor) -> None:
         # A device counter (no host read); a restored count is a Python int until the first step.
@@ -390,22 +342,6 @@ def _signature(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
-
-
-def _fill(pre: FlatPreconditioner) -> torch.Tensor | float:
-    filled = pre.fisher.filled
-    if isinstance(filled, torch.Tensor):
-        return filled.to(torch.float32) / pre.fisher.ngrads
-    return filled / pre.fisher.ngrads
-
-
-def _with_damp(fisher: dict[str, Any], damp: float, mode: str) -> dict[str, Any]:
-    """The engine's saved state with another dampening. ``lam`` is the absolute ``λ`` in use; in
-    relative mode the refactorization that follows derives it from the window."""
-    out = {**fisher, "damp": damp, "damp_mode": mode}
-    if "lam" in out and mode == "absolute":
-        out["lam"] = damp
-    return out
 
 
 def _grad_scaler(trainer: pl.Trainer) -> Any:

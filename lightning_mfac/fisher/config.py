@@ -1,16 +1,20 @@
-"""How and where the gradient window is stored and multiplied: one frozen, validated object.
+"""The settings of the M-FAC engines: frozen, validated objects.
 
-Every layer that holds a window (``DynamicFisherInverse``, ``StaticFisherInverse``, ``MFAC``,
-``MFACPreconditioner``, ``oneshot_prune``/``OBSPruning``) takes a :class:`WindowConfig` instead of
-repeating the settings, and validation happens here, once, when the config is built.
+:class:`WindowConfig` says how and where the gradient window is stored and multiplied; every layer
+that holds a window (``DynamicFisherInverse``, ``StaticFisherInverse``, ``MFAC``,
+``MFACPreconditioner``, ``oneshot_prune``/``OBSPruning``) takes one instead of repeating the
+settings. :class:`DynamicConfig` adds what the dynamic engine needs on top of it (``ngrads``,
+``damp``, ``damp_mode``) -- the counterpart of pruning's ``OBSConfig``. Validation happens here,
+once, when a config is built; every error names the setting (``damp=0.0 is invalid: expected ...``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -21,6 +25,34 @@ STORAGES = ("auto", "device", "paged", "sharded")
 #: ``"cuda_graph"``: the steady-state dynamic step is captured once and replayed; ``"auto"``: that on
 #: CUDA for a window on the device, eager otherwise (paged steps keep their page stream).
 CAPTURES = ("auto", "off", "cuda_graph")
+#: How ``damp`` is read: ``λ`` itself, or the factor ``δ`` of ``λ = δ·mean(diag GGᵀ)/m``.
+DAMP_MODES = ("absolute", "relative")
+
+Config = TypeVar("Config")
+
+
+def coerce_config(
+    cls: type[Config],
+    value: Any,
+    key: str,
+    prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> Config:
+    """``value`` as a ``cls`` (a frozen dataclass): an instance as it is, ``None`` as the defaults, or a
+    plain mapping of its fields (e.g. from Hydra), whose values ``prepare`` may first turn into the
+    field types. ``key`` is the setting's name in error messages."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping) or hasattr(value, "items"):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        items = dict(value.items())
+        unknown = sorted(set(items) - fields)
+        if unknown:
+            raise ValueError(f"{key}: unknown setting(s) {unknown}: expected some of {sorted(fields)}.")
+        return cls(**(prepare(items) if prepare is not None else items))
+    raise TypeError(f"{key}={value!r}: expected a{'n' if cls.__name__[0] in 'AEIOU' else ''} "
+                    f"{cls.__name__}, a mapping of its fields, or None.")
 
 
 @dataclass(frozen=True)
@@ -80,19 +112,43 @@ class WindowConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def coerce(cls, value: WindowConfig | dict[str, Any] | None) -> WindowConfig:
+    def coerce(cls, value: WindowConfig | Mapping[str, Any] | None) -> WindowConfig:
         """Accept a config, a plain mapping of its fields (e.g. from Hydra), or ``None`` (defaults)."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, dict) or hasattr(value, "items"):
-            fields = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(value) - fields)
-            if unknown:
-                raise ValueError(f"window: unknown setting(s) {unknown}: expected some of {sorted(fields)}.")
-            return cls(**dict(value.items()))
-        raise TypeError(f"window={value!r}: expected a WindowConfig, a mapping of its fields, or None.")
+        return coerce_config(cls, value, "window")
+
+
+@dataclass(frozen=True)
+class DynamicConfig:
+    """Settings of a dynamic M-FAC engine (``DynamicFisherInverse``, and through it ``MFAC`` and
+    ``MFACPreconditioner``).
+
+    Args:
+        ngrads: window size ``m`` (the capacity; the Fisher always divides by it).
+        damp: dampening: ``λ`` itself (``damp_mode="absolute"``), or the factor ``δ`` of
+            ``λ = δ·mean(diag GGᵀ)/m`` (``damp_mode="relative"``), which follows the gradients' scale.
+        damp_mode: ``"absolute"`` or ``"relative"`` (:data:`DAMP_MODES`).
+        window: how the window is stored and multiplied (a :class:`WindowConfig` or a mapping of its
+            fields).
+    """
+
+    ngrads: int = 1024
+    damp: float = 1e-5
+    damp_mode: str = "absolute"
+    window: WindowConfig = dataclasses.field(default_factory=WindowConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ngrads", check.positive_int("ngrads", self.ngrads))
+        object.__setattr__(self, "damp", check.damping("damp", self.damp))
+        check.one_of("damp_mode", self.damp_mode, DAMP_MODES)
+        object.__setattr__(self, "window", WindowConfig.coerce(self.window))
+
+    def replace(self, **changes: Any) -> DynamicConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def coerce(cls, value: DynamicConfig | Mapping[str, Any] | None) -> DynamicConfig:
+        """Accept a config, a plain mapping of its fields (e.g. from Hydra), or ``None`` (defaults)."""
+        return coerce_config(cls, value, "mfac")
 
 
 #: Keyword arguments that the fisher classes took before ``window=`` replaced them.

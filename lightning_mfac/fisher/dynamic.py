@@ -37,10 +37,10 @@ from lightning_mfac import _validation as check
 from lightning_mfac.fisher._numerics import check_finite as check_input_finite
 from lightning_mfac.fisher._numerics import compute_dtype, eig_inverse, warn_once
 from lightning_mfac.fisher.capture import CapturedStep, CudaGraphRunner
-from lightning_mfac.fisher.config import WindowConfig, reject_legacy_arguments
+from lightning_mfac.fisher.config import DAMP_MODES, DynamicConfig, WindowConfig, reject_legacy_arguments
 from lightning_mfac.fisher.storage import WindowStorage, make_window
 
-DAMP_MODES = ("absolute", "relative")
+__all__ = ["DAMP_MODES", "DynamicFisherInverse", "bordered_update"]
 #: Largest entry of the residual ``C'x − eⱼ`` of the (refined) updated column for which the
 #: ``O(m²)`` update is accepted. The residual is dimensionless and bounds the relative error of the
 #: direction (times the number of rows it spreads over); beyond it the update has drifted
@@ -60,46 +60,46 @@ class DynamicFisherInverse:
             ``λ = δ·mean(diag GGᵀ)/m`` (``damp_mode="relative"``), which follows the scale of the
             gradients; it is recomputed on the device at every refactorization (and at calls
             1, 2, 4, … while the window fills), and is ``δ`` while the window is empty.
+            Default ``1e-5``.
         device: compute device (default CPU). Inputs must live there.
         window: how the window is stored and multiplied (:class:`~lightning_mfac.fisher.config.WindowConfig`
             or a mapping of its fields): dtype (default float32), storage, page geometry,
             ``refactor_every`` (default ``m``), kernels, ``capture`` (CUDA graph of the steady-state
             step; docs/design.md, "Capture") and process group.
-        damp_mode: ``"absolute"`` or ``"relative"``.
+        damp_mode: ``"absolute"`` (default) or ``"relative"``.
+        config: all of ``ngrads``, ``damp``, ``damp_mode`` and ``window`` as one
+            :class:`~lightning_mfac.fisher.config.DynamicConfig` (or a mapping of its fields), in
+            place of those four arguments.
     """
 
     def __init__(
         self,
         dim: int,
-        ngrads: int,
-        damp: float = 1e-5,
+        ngrads: int | None = None,
+        damp: float | None = None,
         device: torch.device | str | None = None,
         *,
         window: WindowConfig | dict[str, Any] | None = None,
-        damp_mode: str = "absolute",
+        damp_mode: str | None = None,
+        config: DynamicConfig | dict[str, Any] | None = None,
         **legacy: Any,
     ) -> None:
         reject_legacy_arguments("DynamicFisherInverse", legacy)
+        loose = {"ngrads": ngrads, "damp": damp, "damp_mode": damp_mode, "window": window}
+        given = {k: v for k, v in loose.items() if v is not None}
+        if config is not None and given:
+            raise TypeError(f"DynamicFisherInverse() takes config= or {sorted(given)}, not both.")
+        if config is None and ngrads is None:
+            raise TypeError("DynamicFisherInverse() missing the window size: pass ngrads= or config=DynamicConfig(...).")
+        cfg = DynamicConfig.coerce(config) if config is not None else DynamicConfig(**given)
         self.dim = check.positive_int("dim", dim)
-        self.ngrads = check.positive_int("ngrads", ngrads)
-        self.damp = check.damping("damp", damp)
-        self.damp_mode = check.one_of("damp_mode", damp_mode, DAMP_MODES)
-        self.config = WindowConfig.coerce(window)
-        self.dtype = self.config.resolved_dtype(torch.float32)
-        self.refactor_every = self.config.refactor_every or self.ngrads
+        if cfg.window.dtype is None:  # settled here, once: the engine's config says what its window holds
+            cfg = cfg.replace(window=cfg.window.replace(dtype=torch.float32))
+        self.config = cfg
+        self.dtype = self.config.window.dtype
+        self.refactor_every = self.config.window.refactor_every or self.ngrads
         self.device = torch.device("cpu" if device is None else device)
-        self.window: WindowStorage = make_window(
-            self.ngrads,
-            self.dim,
-            self.dtype,
-            self.device,
-            self.config.storage,
-            self.config.page_cols,
-            self.config.page_budget_bytes,
-            self.config.process_group,
-            self.config.kernels,
-            self.config.shard_dir,
-        )
+        self.window: WindowStorage = make_window(self.config.window, self.ngrads, self.dim, self.device)
         self.storage = type(self.window).__name__
         self.cdtype = compute_dtype(self.dtype)
         m, dev, f64 = self.ngrads, self.device, torch.float64
@@ -152,7 +152,7 @@ class DynamicFisherInverse:
         self._since_refactor = 0
 
     def _capture_mode(self) -> str:
-        mode = self.config.capture
+        mode = self.config.window.capture
         if mode == "auto":
             resident = self.storage == "DeviceWindow"
             mode = "cuda_graph" if self.device.type == "cuda" and resident else "off"
@@ -167,6 +167,36 @@ class DynamicFisherInverse:
         """The steady-state step as a function of ``g`` alone: what a capture records."""
         direction = self._step(g, want_direction=True)
         return direction, self.finite
+
+    @property
+    def ngrads(self) -> int:
+        """The window size ``m``."""
+        return self.config.ngrads
+
+    @property
+    def damp(self) -> float:
+        """``λ`` (absolute mode) or the factor ``δ`` (relative mode): see :meth:`set_damp`."""
+        return self.config.damp
+
+    @property
+    def damp_mode(self) -> str:
+        return self.config.damp_mode
+
+    def set_damp(self, damp: float, damp_mode: str | None = None) -> None:
+        """Use another dampening from now on, keeping the window: ``C = λI + K/m`` is rebuilt from
+        the window's Gram ``K`` (which does not depend on ``λ``) and refactorized (in relative mode
+        the refactorization derives ``λ`` from ``δ``). Checked like the constructor's ``damp``."""
+        self.config = self.config.replace(damp=damp, damp_mode=self.damp_mode if damp_mode is None else damp_mode)
+        if self.damp_mode == "absolute":
+            self._set_lambda(self.damp)
+        self._rebuild_core()
+
+    def _rebuild_core(self) -> None:
+        """``C = λI + K/m`` from the window itself, then a fresh factorization."""
+        m = self.ngrads
+        self.core[:m, :m] = self.window.gram() / m
+        self.core[:m, :m].diagonal().add_(self.lam)
+        self._refactor(check_drift=False)
 
     def _set_lambda(self, lam: float) -> None:
         self.lam = float(lam)
@@ -233,12 +263,11 @@ class DynamicFisherInverse:
                     f"state_dict[{key!r}]={state[key]} does not match this inverse ({key}={getattr(self, key)}): "
                     "the window must be restored into an inverse of the same shape."
                 )
-        self.damp = float(state["damp"])
-        self.damp_mode = state.get("damp_mode", "absolute")
+        self.config = self.config.replace(damp=float(state["damp"]), damp_mode=state.get("damp_mode", "absolute"))
         if "drift_tol" in state:
             self._drift_tol.fill_(float(state["drift_tol"]))
             self._guarded, self._rejections = bool(state["guarded"]), int(state["rejections"])
-        self.window.load_state_dict(state["window"], shard_dir=self.config.shard_dir)
+        self.window.load_state_dict(state["window"], shard_dir=self.config.window.shard_dir)
         if "core" not in state:
             self._load_legacy(state)
             return
@@ -329,11 +358,8 @@ class DynamicFisherInverse:
         refactor, so the window no longer carries them."""
         if keep.shape != (self.dim,):
             raise ValueError(f"keep has shape {tuple(keep.shape)}: expected ({self.dim},).")
-        m = self.ngrads
         self.window.mask_columns(keep.to(torch.bool))
-        self.core[:m, :m] = self.window.gram() / m
-        self.core[:m, :m].diagonal().add_(self.lam)
-        self._refactor(check_drift=False)
+        self._rebuild_core()
 
     # ------------------------------------------------------------------ the step
     def _step(self, g: torch.Tensor, want_direction: bool) -> torch.Tensor | None:

@@ -32,7 +32,7 @@ from lightning_mfac import _validation as check
 from lightning_mfac.fisher._numerics import check_finite, spd_cholesky, spd_inverse
 from lightning_mfac.fisher.config import WindowConfig, reject_legacy_arguments
 from lightning_mfac.fisher.kernels import resolve_kernels
-from lightning_mfac.fisher.storage import DeviceWindow, PagedWindow, WindowStorage
+from lightning_mfac.fisher.storage import DeviceWindow, PagedWindow, WindowStorage, plan_storage
 
 #: Bytes of one float64 work tile (a column tile of ``G`` widened, or of ``L⁻¹G``)...
 TILE_BYTES = 16 << 20
@@ -91,9 +91,7 @@ class StaticFisherInverse:
         self.nblocks = math.ceil(d / self.block_size)
         # B ≤ m: a B × B block is cheaper to invert directly than through an m × m Woodbury factor.
         self.direct = block_size is not None and self.block_size <= m
-        storage = self.config.storage
-        if storage == "auto":
-            storage = "paged" if grads.device.type == "cpu" and self.device.type == "cuda" else "device"
+        storage = plan_storage(self.config.storage, m, d, self.dtype, self.device, shardable=False, held_on=grads.device)
         self.paged = storage == "paged"
         self.page_cols = self._page_cols(self.config.page_cols)
         self.kernels = resolve_kernels(self.config.kernels, self.device)

@@ -1,5 +1,8 @@
 """One M-FAC window over a fixed list of parameters, shared by the ``MFAC`` optimizer and the
-``MFACPreconditioner`` callback.
+``MFACPreconditioner`` callback: the layer between those two surfaces and the engine
+(:class:`~lightning_mfac.fisher.DynamicFisherInverse`), which neither of them touches. It holds the
+engine's settings, its state (checkpoints and the one rule for resuming them, :meth:`FlatPreconditioner.restore`)
+and the masks pruning hands it (keyed by parameter name or tensor).
 
 A :class:`FlatPreconditioner` owns two flat ``d``-vectors laid out in parameter order (the order
 of ``parameters_to_vector``) and, once, views of them shaped like the parameters. Each step then
@@ -23,7 +26,8 @@ from typing import Any
 import torch
 
 from lightning_mfac.fisher import DynamicFisherInverse
-from lightning_mfac.fisher.config import WindowConfig
+from lightning_mfac.fisher.config import DynamicConfig, WindowConfig
+from lightning_mfac.optim.masking import Masks
 
 
 def describe(index: int, p: torch.Tensor, names: Sequence[str] | None) -> str:
@@ -69,12 +73,21 @@ def check_parameters(params: Sequence[torch.Tensor], owner: str, names: Sequence
 
 def check_masks(
     params: Sequence[torch.Tensor],
-    masks: Mapping[torch.Tensor, torch.Tensor],
+    masks: Masks,
     owner: str,
     names: Sequence[str] | None = None,
 ) -> list[torch.Tensor | None]:
-    """The mask of each parameter (``None`` where ``masks`` has none), each checked for its shape."""
-    keeps = [masks.get(p) for p in params]
+    """The mask of each parameter (``None`` where ``masks`` has none), each checked for its shape.
+
+    ``masks`` is keyed by parameter name (where ``names`` are known) or by the tensor itself;
+    entries for other parameters are not this window's business and are ignored."""
+    by_name = any(isinstance(key, str) for key in masks)
+    if by_name and names is None:
+        raise ValueError(
+            f"{owner}: masks keyed by parameter name, but this window does not know its parameters' names: "
+            "key them by the parameter tensors."
+        )
+    keeps = [masks.get(names[i] if by_name else p) for i, p in enumerate(params)]
     for i, (p, k) in enumerate(zip(params, keeps, strict=True)):
         if k is not None and tuple(k.shape) != tuple(p.shape):
             raise ValueError(
@@ -101,26 +114,29 @@ class FlatPreconditioner:
     * :attr:`gradient_views` / :attr:`direction_views` — the last gradient and direction, shaped
       like ``params`` (for ``torch._foreach_*``; no view is made per step);
     * :meth:`with_grad` — which parameters had a gradient (they are the ones to update);
-    * :meth:`apply_masks`, :meth:`verify`, :meth:`state_dict` / :meth:`load_state_dict`.
+    * :meth:`apply_masks`, :meth:`verify`;
+    * the engine's settings and state: :attr:`config` (``ngrads``, ``damp``, ``damp_mode``,
+      ``window``), :attr:`dtype`, :meth:`fill`, :meth:`reset`, :meth:`set_damp`, :meth:`state_dict` and
+      :meth:`restore` (the one rule for resuming a window, shared by both surfaces).
+
+    The engine itself (:attr:`fisher`, a :class:`~lightning_mfac.fisher.DynamicFisherInverse`) is
+    this class's business; the optimizer and the callback go through the methods above.
 
     Args:
         params: the parameters, all dense, floating point, on one device (checked here).
-        ngrads: window size ``m``.
-        damp: dampening ``λ`` (the factor ``δ`` with ``damp_mode="relative"``).
-        damp_mode: ``"absolute"`` or ``"relative"`` (see :class:`~lightning_mfac.fisher.DynamicFisherInverse`).
-        window: :class:`~lightning_mfac.fisher.config.WindowConfig` (or a mapping of its fields).
+        config: the engine's settings, a :class:`~lightning_mfac.fisher.config.DynamicConfig` or a
+            mapping of its fields (``ngrads``, ``damp``, ``damp_mode``, ``window``); a window dtype of
+            ``None`` becomes float64 for float64 parameters, else float32.
         owner: prefix of error messages (``"MFAC"``, ``"MFACPreconditioner"``).
-        names: parameter names for error messages, where the caller knows them.
+        names: parameter names, where the caller knows them: for error messages, masks keyed by
+            name, and checkpoints (a resumed window is only kept for the same names).
     """
 
     def __init__(
         self,
         params: Sequence[torch.Tensor],
-        ngrads: int,
-        damp: float,
-        window: WindowConfig | Mapping[str, Any] | None = None,
+        config: DynamicConfig | Mapping[str, Any] | None = None,
         *,
-        damp_mode: str = "absolute",
         owner: str = "MFAC",
         names: Sequence[str] | None = None,
     ) -> None:
@@ -133,15 +149,13 @@ class FlatPreconditioner:
         self.sizes = [p.numel() for p in params]
         self.dim = sum(self.sizes)
         self.device = params[0].device
-        self.window = WindowConfig.coerce(window)
-        self.fisher = DynamicFisherInverse(
-            self.dim,
-            ngrads,
-            damp,
-            device=self.device,
-            window=self.window.replace(dtype=self.window.resolved_dtype(params[0].dtype)),
-            damp_mode=damp_mode,
-        )
+        config = DynamicConfig.coerce(config)
+        #: The window settings as given (before the dtype is settled from the parameters).
+        self.window: WindowConfig = config.window
+        window = self.window
+        if window.dtype is None:  # the parameters' precision decides (float64 stays float64)
+            config = config.replace(window=window.replace(dtype=window.resolved_dtype(params[0].dtype)))
+        self.fisher = DynamicFisherInverse(self.dim, device=self.device, config=config)
         # The gradient enters the window at the window's compute precision; the direction comes
         # back in the parameters' dtype when they share one (so the foreach updates take the
         # fast path), else at the compute precision and is cast per parameter by the update.
@@ -247,23 +261,99 @@ class FlatPreconditioner:
         ]
         return torch.cat(parts)
 
-    def apply_masks(self, masks: Mapping[torch.Tensor, torch.Tensor]) -> None:
+    def apply_masks(self, masks: Masks) -> None:
         """Zero the coordinates where ``masks[param]`` is False in every stored gradient (the
-        :class:`~lightning_mfac.optim.masking.MaskableWindow` protocol); parameters not in
-        ``masks`` keep all their coordinates."""
+        :class:`~lightning_mfac.optim.masking.MaskableWindow` protocol: keyed by name or tensor, see
+        :func:`check_masks`); parameters not in ``masks`` keep all their coordinates."""
         keeps = check_masks(self.params, masks, self.owner, self.names)
         if any(k is not None for k in keeps):
             self.fisher.mask_coordinates(self.keep_vector(keeps))
+
+    # ------------------------------------------------------------------ the engine's settings
+    @property
+    def config(self) -> DynamicConfig:
+        """The settings in effect (the window's dtype settled; ``damp`` as last set)."""
+        return self.fisher.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The window's storage dtype."""
+        return self.fisher.dtype
+
+    def fill(self) -> torch.Tensor:
+        """The fraction of the window that holds gradients (a device tensor: no host read)."""
+        return self.fisher.filled.to(torch.float32) / self.fisher.ngrads
+
+    def reset(self) -> None:
+        """Empty the window (it re-warms over the next ``ngrads`` steps)."""
+        self.fisher.reset()
+
+    def set_damp(self, damp: float, damp_mode: str | None = None) -> None:
+        """Use another dampening from now on, keeping the window (refactorized with it)."""
+        self.fisher.set_damp(damp, damp_mode)
 
     # ------------------------------------------------------------------ state
     def state_dict(self, include_window: bool = True) -> dict[str, Any]:
         fisher = self.fisher.state_dict()
         if not include_window:
             fisher = {k: v for k, v in fisher.items() if k not in ("window", "core", "core_inverse")}
-        return {"shapes": list(self.shapes), "fisher": fisher}
+        state: dict[str, Any] = {"shapes": list(self.shapes), "fisher": fisher}
+        if self.names is not None:
+            state["names"] = list(self.names)
+        return state
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> bool:
-        """Restore; returns False when the checkpoint left the window out (the window re-warms)."""
+    def restore(self, state: Mapping[str, Any]) -> str | None:
+        """Resume from :meth:`state_dict` under the one rule both surfaces follow: the window keeps
+        the settings in effect, i.e. this window's own:
+
+        * a checkpoint of another model (parameter shapes) is an error;
+        * one of another shape -- other parameter names (where both sides know them), ``ngrads`` or
+          window dtype -- or one saved without its window leaves the window empty (it re-warms);
+        * one with another dampening keeps its window, refactorized with the dampening in effect
+          (:meth:`set_damp`).
+
+        ``MFAC`` builds its window from the checkpoint's ``param_groups`` (torch's rule: the
+        checkpoint's hyper-parameters win), so nothing differs there; ``MFACPreconditioner`` builds
+        it from its constructor's arguments (a callback's settings are the run's).
+
+        Returns ``None`` when the window came back as it was saved, else one sentence saying what
+        differed and what was done, for the caller to warn with.
+        """
+        config, saved = self.config, state["fisher"]
+        changes = []
+        saved_names = state.get("names")
+        if saved_names is not None and self.names is not None and list(saved_names) != self.names:
+            changes.append(
+                f"parameters: {len(saved_names)} tensors in the checkpoint, {len(self.names)} selected now "
+                f"(new: {[n for n in self.names if n not in saved_names][:4]}, "
+                f"gone: {[n for n in saved_names if n not in self.names][:4]})"
+            )
+        else:  # the same parameters must have the same shapes
+            self._check_shapes(state)
+        if saved["ngrads"] != config.ngrads:
+            changes.append(f"ngrads: {saved['ngrads']} in the checkpoint, {config.ngrads} now")
+        dtype = str(self.dtype).replace("torch.", "")
+        if saved.get("dtype", dtype) != dtype:
+            changes.append(f"window dtype: {saved['dtype']} in the checkpoint, {dtype} now")
+        rewarm = f"re-warms over the next {config.ngrads} steps"
+        if changes:
+            self.reset()
+            return (f"{self.owner}: resuming with other window settings than the checkpoint's ("
+                    + "; ".join(changes) + f"). The window was rebuilt empty and {rewarm}.")
+        if "window" not in saved:
+            self.reset()
+            return (f"{self.owner}: the checkpoint was saved with save_window=False; the M-FAC window "
+                    f"starts empty and {rewarm}.")
+        self.fisher.load_state_dict(saved)
+        old = (saved["damp"], saved.get("damp_mode", "absolute"))
+        if old == (config.damp, config.damp_mode):
+            return None
+        self.set_damp(config.damp, config.damp_mode)
+        return (f"{self.owner}: resuming with damp={config.damp:g} ({config.damp_mode}); the checkpoint was "
+                f"written with damp={old[0]:g} ({old[1]}). The window was kept and refactorized with "
+                f"damp={config.damp:g}.")
+
+    def _check_shapes(self, state: Mapping[str, Any]) -> None:
         saved = [tuple(s) for s in state["shapes"]]
         if saved != self.shapes:
             raise RuntimeError(
@@ -272,8 +362,3 @@ class FlatPreconditioner:
                 f"of shapes {self.shapes[:4]}{'…' if len(self.shapes) > 4 else ''}: the checkpoint is from a "
                 "different model."
             )
-        if "window" not in state["fisher"]:
-            self.fisher.reset()
-            return False
-        self.fisher.load_state_dict(state["fisher"])
-        return True

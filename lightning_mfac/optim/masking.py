@@ -14,10 +14,11 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-Masks = Mapping[torch.Tensor, torch.Tensor]
-"""Keep-masks keyed by the parameter tensor itself (by identity): a boolean tensor of the
-parameter's shape, ``True`` where the weight stays. Parameters absent from the mapping are
-left alone."""
+Masks = Mapping[str, torch.Tensor] | Mapping[torch.Tensor, torch.Tensor]
+"""Keep-masks: a boolean tensor of the parameter's shape, ``True`` where the weight stays, keyed
+by parameter name (as pruning returns them; for holders that know their parameters' names) or by
+the parameter tensor itself (by identity; every holder accepts these, and ``OBSPruning`` sends
+them). Parameters absent from the mapping are left alone."""
 
 
 @runtime_checkable

@@ -10,10 +10,10 @@ from torch.optim import Optimizer
 
 from lightning_mfac import _validation as check
 from lightning_mfac.fisher._numerics import warn_once
-from lightning_mfac.fisher.config import WindowConfig
-from lightning_mfac.fisher.dynamic import DAMP_MODES
+from lightning_mfac.fisher.config import DynamicConfig, WindowConfig
 from lightning_mfac.optim.flat import FlatPreconditioner, check_masks, check_parameters
 from lightning_mfac.optim.grafting import make_grafting
+from lightning_mfac.optim.masking import Masks
 
 _WINDOW_KEYS = ("ngrads", "damp", "damp_mode")
 
@@ -51,7 +51,9 @@ class MFAC(Optimizer):
     its factorization and the skip counter are stored under ``state_dict()["mfac"]``, and resuming
     continues exactly. As with every torch optimizer, the hyperparameters in the checkpoint's
     ``param_groups`` (the window settings included) replace the constructor's; a difference is
-    warned about once.
+    warned about once. The window then follows the rule of
+    :meth:`~lightning_mfac.optim.flat.FlatPreconditioner.restore`: a checkpoint whose window has
+    another dtype than ``window`` asks for starts an empty window (warned about once).
 
     Args:
         params: parameters or parameter groups (dense, floating point, one device).
@@ -92,13 +94,13 @@ class MFAC(Optimizer):
             "damp": damp,
             "damp_mode": damp_mode,
         }
-        _check_hyperparameters(defaults, "")
-        self.window = WindowConfig.coerce(window)
+        _check_step_settings(defaults, "")
+        self.window = DynamicConfig(ngrads, damp, damp_mode, window).window
         self.graft = make_grafting(graft)
         self._pre: FlatPreconditioner | None = None
         self._skipped: torch.Tensor | None = None
         super().__init__(params, defaults)
-        check_parameters(self._params(), "MFAC")
+        check_parameters(self._params(), "MFAC", self._names())
         self.register_state_dict_post_hook(_save_window)
         self.register_load_state_dict_pre_hook(_load_window)
 
@@ -112,7 +114,8 @@ class MFAC(Optimizer):
         group = self.param_groups[-1]
         where = f"param_groups[{len(self.param_groups) - 1}]"
         try:
-            _check_hyperparameters(group, where)
+            _check_step_settings(group, where)
+            self._window_config(group, where)
             first = self.param_groups[0]
             for key in _WINDOW_KEYS:
                 if group[key] != first[key]:
@@ -141,26 +144,34 @@ class MFAC(Optimizer):
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
+    def _names(self) -> list[str] | None:
+        """The parameters' names when the optimizer was given them (``model.named_parameters()``)."""
+        if not all("param_names" in group for group in self.param_groups):
+            return None
+        return [n for group in self.param_groups for n in group["param_names"]]
+
+    def _window_config(self, settings: Mapping[str, Any], where: str = "") -> DynamicConfig:
+        """The engine's settings from a parameter group's ``ngrads``/``damp``/``damp_mode`` (checked
+        there, errors prefixed with ``where``) and the optimizer's window."""
+        try:
+            return DynamicConfig(settings["ngrads"], settings["damp"], settings["damp_mode"], self.window)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}" if where else str(err)) from None
+
     def _preconditioner(self, settings: Mapping[str, Any] | None = None) -> FlatPreconditioner:
         """The window, built on first use from ``settings`` (default: the groups' window settings)."""
         params = self._params()
         if self._pre is None:
-            use = settings if settings is not None else self.param_groups[0]
-            self._pre = FlatPreconditioner(
-                params, use["ngrads"], use["damp"], self.window, damp_mode=use["damp_mode"], owner="MFAC"
-            )
+            config = self._window_config(settings if settings is not None else self.param_groups[0])
+            self._pre = FlatPreconditioner(params, config, owner="MFAC", names=self._names())
         else:
             self._pre.verify(params)
         return self._pre
 
     def _check_window_settings(self, pre: FlatPreconditioner) -> None:
         """Window settings edited in ``param_groups`` after the window was built cannot take effect."""
+        built_with = {key: getattr(pre.config, key) for key in _WINDOW_KEYS}
         for i, group in enumerate(self.param_groups):
-            built_with = {
-                "ngrads": pre.fisher.ngrads,
-                "damp": pre.fisher.damp,
-                "damp_mode": pre.fisher.damp_mode,
-            }
             for key, built in built_with.items():
                 if group[key] != built:
                     raise ValueError(
@@ -223,30 +234,32 @@ class MFAC(Optimizer):
         return loss
 
     # ------------------------------------------------------------------ pruning
-    def apply_masks(self, masks: Mapping[torch.Tensor, torch.Tensor]) -> None:
+    def apply_masks(self, masks: Masks) -> None:
         """Drop pruned coordinates (``masks[param]`` False) from the window and the momentum, so a
         pruned weight gets exactly zero update (the
-        :class:`~lightning_mfac.optim.masking.MaskableWindow` protocol; ``OBSPruning`` calls it)."""
+        :class:`~lightning_mfac.optim.masking.MaskableWindow` protocol; ``OBSPruning`` calls it).
+        Masks are keyed by parameter tensor, or by name for an optimizer built from
+        ``named_parameters()``."""
         params = self._params()
-        for p, keep in zip(params, check_masks(params, masks, "MFAC"), strict=True):
+        keeps = check_masks(params, masks, "MFAC", self._names())
+        for p, keep in zip(params, keeps, strict=True):
             buf = self.state.get(p, {}).get("momentum_buffer")
             if buf is not None and keep is not None:
                 buf.mul_(keep.to(buf.device, buf.dtype))
         if self.graft is not None:
-            self.graft.apply_masks(check_masks(params, masks, "MFAC"))
+            self.graft.apply_masks(keeps)
         if self._pre is not None:
             self._pre.apply_masks(masks)
 
 
-def _check_hyperparameters(group: Mapping[str, Any], where: str) -> None:
+def _check_step_settings(group: Mapping[str, Any], where: str) -> None:
+    """A group's ``lr``, ``momentum`` and ``weight_decay`` (the window's settings are a
+    :class:`~lightning_mfac.fisher.config.DynamicConfig`, checked there)."""
     prefix = f"{where}: " if where else ""
     try:
         check.nonnegative_float("lr", group["lr"])
         check.in_unit_interval("momentum", group["momentum"])
         check.nonnegative_float("weight_decay", group["weight_decay"])
-        check.positive_int("ngrads", group["ngrads"])
-        check.damping("damp", group["damp"])
-        check.one_of("damp_mode", group["damp_mode"], DAMP_MODES)
     except ValueError as err:
         raise ValueError(f"{prefix}{err}") from None
 
@@ -294,12 +307,14 @@ def _load_window(optimizer: MFAC, state_dict: dict[str, Any]) -> dict[str, Any]:
         optimizer.graft.load_state_dict(extra["graft"])
     window = extra.get("window")
     settings = {key: saved[0][key] for key in _WINDOW_KEYS}
-    if optimizer._pre is not None and (optimizer._pre.fisher.ngrads != settings["ngrads"]):
-        optimizer._pre = None  # a window of the checkpoint's size replaces it
+    pre = optimizer._pre
+    if pre is not None and {key: getattr(pre.config, key) for key in _WINDOW_KEYS} != settings:
+        optimizer._pre = None  # a window with the checkpoint's settings replaces it
     if window is None:
         if optimizer._pre is not None:
-            optimizer._pre.fisher.reset()
+            optimizer._pre.reset()
         return state_dict
-    pre = optimizer._preconditioner(settings)
-    pre.load_state_dict(window)
+    message = optimizer._preconditioner(settings).restore(window)
+    if message is not None:
+        warn_once(message)
     return state_dict

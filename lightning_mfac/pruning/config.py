@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning_mfac import _validation as check
-from lightning_mfac.fisher.config import WindowConfig
+from lightning_mfac.fisher.config import WindowConfig, coerce_config
 from lightning_mfac.pruning.schedule import check_ngrads
 from lightning_mfac.pruning.selection import parse_pattern
 from lightning_mfac.selection import name_patterns
@@ -83,19 +83,13 @@ class OBSConfig:
     @classmethod
     def coerce(cls, value: OBSConfig | Mapping[str, Any] | None) -> OBSConfig:
         """Accept a config, a plain mapping of its fields (e.g. from Hydra), or ``None`` (defaults)."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, Mapping) or hasattr(value, "items"):
-            fields = {f.name for f in dataclasses.fields(cls)}
-            items = dict(value.items())
-            unknown = sorted(set(items) - fields)
-            if unknown:
-                raise ValueError(f"obs: unknown setting(s) {unknown}: expected some of {sorted(fields)}.")
-            if isinstance(items.get("params"), Sequence) and not isinstance(items["params"], str):
-                items["params"] = tuple(items["params"])
-            if items.get("ngrads") is not None and hasattr(items["ngrads"], "items"):
-                items["ngrads"] = dict(items["ngrads"].items())
-            return cls(**items)
-        raise TypeError(f"obs={value!r}: expected an OBSConfig, a mapping of its fields, or None.")
+        return coerce_config(cls, value, "obs", _plain_fields)
+
+
+def _plain_fields(items: dict[str, Any]) -> dict[str, Any]:
+    """A mapping's ``params`` list and ``ngrads`` schedule (Hydra containers) as the field types."""
+    if isinstance(items.get("params"), Sequence) and not isinstance(items["params"], str):
+        items["params"] = tuple(items["params"])
+    if items.get("ngrads") is not None and hasattr(items["ngrads"], "items"):
+        items["ngrads"] = dict(items["ngrads"].items())
+    return items

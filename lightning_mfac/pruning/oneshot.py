@@ -35,7 +35,7 @@ from torch import nn
 from lightning_mfac import _validation as check
 from lightning_mfac.fisher.config import WindowConfig
 from lightning_mfac.fisher.static import StaticFisherInverse
-from lightning_mfac.fisher.storage import AUTO_DEVICE_FRACTION
+from lightning_mfac.fisher.storage import check_window_fits, plan_storage
 from lightning_mfac.pruning.config import OBSConfig
 from lightning_mfac.pruning.masks import prune_count, select_masks, sparsity_of
 from lightning_mfac.pruning.obs import obs_correction, obs_saliency
@@ -155,16 +155,11 @@ def _grad_enabled(params: Sequence[torch.Tensor]) -> Iterator[None]:
 
 
 def _window_device(rows: int, dim: int, dtype: torch.dtype, device: torch.device, storage: str) -> torch.device:
-    """Where the ``rows × dim`` gradient matrix is accumulated: host memory for ``storage="paged"``,
-    or for ``"auto"`` when it would take more than ``AUTO_DEVICE_FRACTION`` of free GPU memory
-    (StaticFisherInverse then pages it to the device)."""
-    if device.type != "cuda" or storage == "device":
-        return device
-    if storage == "paged":
-        return torch.device("cpu")
-    need = rows * dim * torch.empty((), dtype=dtype).element_size()
-    free, _ = torch.cuda.mem_get_info(device)
-    return device if need <= AUTO_DEVICE_FRACTION * free else torch.device("cpu")
+    """Where the ``rows × dim`` gradient matrix is accumulated: host memory when the storage plan
+    (:func:`~lightning_mfac.fisher.storage.plan_storage`) pages it, so that
+    ``StaticFisherInverse`` streams it to the device; else the device itself."""
+    paged = plan_storage(storage, rows, dim, dtype, device, shardable=False) == "paged"
+    return torch.device("cpu") if paged and device.type == "cuda" else device
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -206,7 +201,9 @@ def collect_gradients(
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     device = torch.device(device) if device is not None else params[0].device
     storage = (window or WindowConfig()).storage
-    grads = torch.zeros(ngrads, bounds[-1], dtype=dtype, device=_window_device(ngrads, bounds[-1], dtype, device, storage))
+    where = _window_device(ngrads, bounds[-1], dtype, device, storage)
+    check_window_fits(ngrads, bounds[-1], dtype, where, "device")
+    grads = torch.zeros(ngrads, bounds[-1], dtype=dtype, device=where)
     with _grad_enabled(params), _progress(ngrads, desc, progress) as bar:
         for i in range(ngrads):
             loss = next(losses)

@@ -30,6 +30,12 @@ class DigitsDataModule(BaseDataModule):
         test_fraction: float = 0.15,
     ):
         super().__init__(batch_size, num_workers, seed)
+        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"{name}={value!r} is out of range: expected a fraction in [0, 1).")
+        if val_fraction + test_fraction >= 1:
+            raise ValueError(f"val_fraction={val_fraction} + test_fraction={test_fraction} leaves no training "
+                             "images: expected fractions that sum to less than 1.")
         self.val_fraction = float(val_fraction)
         self.test_fraction = float(test_fraction)
 

@@ -2,4 +2,7 @@
 
 from lightning_mfac.app.tasks.classification import ImageClassifier, LanguageModel, SequenceClassifier, Task
 
-__all__ = ["ImageClassifier", "LanguageModel", "SequenceClassifier", "Task"]
+#: The tasks a config picks with ``model.task``.
+TASKS = {"image": ImageClassifier, "sequence": SequenceClassifier, "language_model": LanguageModel}
+
+__all__ = ["TASKS", "ImageClassifier", "LanguageModel", "SequenceClassifier", "Task"]
