@@ -23,8 +23,8 @@ pytest.importorskip("singd")
 pytest.importorskip("pytorch_optimizer")
 
 from lightning_mfac.app import config_dir
-from lightning_mfac.app.baselines import SINGD, muon, shampoo, singd, soap, unsupported_singd_layers  # noqa: E402
 from lightning_mfac.app.assembly import build_datamodule, build_task  # noqa: E402
+from lightning_mfac.app.baselines import SINGD, muon, shampoo, singd, soap, unsupported_singd_layers  # noqa: E402
 from lightning_mfac.app.checks import validate_config  # noqa: E402
 from lightning_mfac.app.models import quickstart_cnn  # noqa: E402
 from lightning_mfac.app.tasks import ImageClassifier  # noqa: E402
