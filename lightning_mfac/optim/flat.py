@@ -36,9 +36,15 @@ def describe(index: int, p: torch.Tensor, names: Sequence[str] | None) -> str:
     return f"parameter {name}(index {index}, shape {tuple(p.shape)}, dtype {p.dtype}, device {p.device})"
 
 
+#: Parameter dtypes a window takes (the window's own storage dtype is ``WindowConfig.dtype``).
+PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+ALLOWED_DTYPES = "float32, float64, bfloat16 or float16"
+
+
 def check_parameters(params: Sequence[torch.Tensor], owner: str, names: Sequence[str] | None = None) -> None:
     """Refuse, naming the parameter, anything one flat window cannot hold: sparse, complex,
-    integer or meta-device tensors, or tensors spread over several devices."""
+    integer (or float8) or meta-device tensors, or tensors spread over several devices; each with
+    its own message, since the remedy differs."""
     if not params:
         raise ValueError(
             f"{owner}: the parameter selection is empty: expected at least one trainable tensor."
@@ -54,10 +60,27 @@ def check_parameters(params: Sequence[torch.Tensor], owner: str, names: Sequence
         if first.setdefault(id(p), i) != i:
             raise ValueError(f"{owner}: {describe(i, p, names)} is the same tensor as parameter index "
                              f"{first[id(p)]}: expected each parameter once.")
-        if p.layout != torch.strided or p.is_complex() or not p.is_floating_point():
+        if p.layout != torch.strided:
             raise ValueError(
-                f"{owner}: {describe(i, p, names)} has layout {p.layout}: expected dense (strided) real "
-                "floating-point parameters."
+                f"{owner}: {describe(i, p, names)} has layout {p.layout}: expected a dense "
+                "(torch.strided) parameter: one flat window holds dense gradients."
+            )
+        if p.is_complex():
+            raise ValueError(
+                f"{owner}: {describe(i, p, names)} has the complex dtype {p.dtype}: expected a real "
+                f"floating-point dtype ({ALLOWED_DTYPES}), as M-FAC's window is real. To precondition it, "
+                "keep the parameter as a real (..., 2) tensor and take torch.view_as_complex of it in forward."
+            )
+        if not p.is_floating_point():
+            raise ValueError(
+                f"{owner}: {describe(i, p, names)} has the non-floating-point dtype {p.dtype}: expected a "
+                f"real floating-point dtype ({ALLOWED_DTYPES}). A tensor of this dtype has no gradient: "
+                "register it as a buffer or leave it out of the optimizer."
+            )
+        if p.dtype not in PARAM_DTYPES:
+            raise ValueError(
+                f"{owner}: {describe(i, p, names)} has dtype {p.dtype}, which M-FAC does not train: expected "
+                f"{ALLOWED_DTYPES} (keep a float32 master copy of a lower-precision parameter)."
             )
         if p.is_meta:
             raise ValueError(
@@ -156,12 +179,16 @@ class FlatPreconditioner:
         if window.dtype is None:  # the parameters' precision decides (float64 stays float64)
             config = config.replace(window=window.replace(dtype=window.resolved_dtype(params[0].dtype)))
         self.fisher = DynamicFisherInverse(self.dim, device=self.device, config=config)
-        # The gradient enters the window at the window's compute precision; the direction comes
-        # back in the parameters' dtype when they share one (so the foreach updates take the
-        # fast path), else at the compute precision and is cast per parameter by the update.
+        # The gradient enters the window at the window's compute precision. The direction comes
+        # back in the parameters' dtype when they share float32 or float64 (so the foreach updates
+        # take the fast path); otherwise -- mixed dtypes, or bfloat16/float16 parameters, whose
+        # rounding would come before the graft, the momentum and the lr -- at the compute
+        # precision, and the update rounds it once, into each parameter.
         grad_dtype = torch.float64 if self.fisher.cdtype == torch.float64 else torch.float32
         dtypes = {p.dtype for p in params}
         dir_dtype = dtypes.pop() if len(dtypes) == 1 else grad_dtype
+        if dir_dtype not in (torch.float32, torch.float64):
+            dir_dtype = grad_dtype
         self._grad = torch.zeros(self.dim, dtype=grad_dtype, device=self.device)
         self._direction = torch.zeros(self.dim, dtype=dir_dtype, device=self.device)
         self._zero = torch.zeros((), dtype=dir_dtype, device=self.device)
@@ -240,7 +267,10 @@ class FlatPreconditioner:
         The direction lives in an internal buffer (see :attr:`direction_views`).
         """
         u, finite = self.fisher.update_mul(g, return_finite=True)
-        torch.where(finite, u, self._zero, out=self._direction)
+        if u.dtype == self._direction.dtype:
+            torch.where(finite, u, self._zero, out=self._direction)
+        else:  # where() takes no out= of another dtype; the engine's rejected direction is already 0
+            self._direction.copy_(u)
         return self._direction, finite
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -279,6 +309,11 @@ class FlatPreconditioner:
     def dtype(self) -> torch.dtype:
         """The window's storage dtype."""
         return self.fisher.dtype
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the window is spread over the ranks of a process group (its state is too)."""
+        return self.fisher.storage == "ShardedWindow"
 
     def fill(self) -> torch.Tensor:
         """The fraction of the window that holds gradients (a device tensor: no host read)."""

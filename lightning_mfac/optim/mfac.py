@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -16,6 +17,13 @@ from lightning_mfac.optim.grafting import make_grafting
 from lightning_mfac.optim.masking import Masks
 
 _WINDOW_KEYS = ("ngrads", "damp", "damp_mode")
+#: Why ``torch.compile`` of ``MFAC.step`` is refused, and what to do instead.
+COMPILE_MESSAGE = (
+    "MFAC.step cannot run under torch.compile: compile the model/loss, not the optimizer step, and "
+    "call opt.step() eagerly (the step reads one number on the host per refactorization and builds "
+    "its window on first use, which no single graph can hold; the steady-state step is already a "
+    "fixed sequence of device ops, captured as a CUDA graph on GPUs)."
+)
 
 
 class MFAC(Optimizer):
@@ -55,9 +63,28 @@ class MFAC(Optimizer):
     :meth:`~lightning_mfac.optim.flat.FlatPreconditioner.restore`: a checkpoint whose window has
     another dtype than ``window`` asks for starts an empty window (warned about once).
 
+    **Copies.** ``copy.deepcopy`` and ``pickle`` carry the window, its factorization, the graft's
+    state and the skip counter (a sharded window is refused: use ``state_dict``); deep-copy the
+    model and the optimizer together (``copy.deepcopy({"model": m, "opt": opt})``) so the copy's
+    window is over the copied parameters. A copy then steps exactly as the original.
+
+    **Precision.** Parameters may be float32, float64, bfloat16 or float16. The window has its own
+    dtype (``window.dtype``; float32 by default for all but float64 parameters), its ``m × m``
+    algebra is float64, and for bfloat16/float16 parameters the direction stays float32 through
+    the graft and the lr and is rounded once, into the parameter. The momentum buffer has the
+    parameter's dtype, as in ``torch.optim.SGD`` (and as torch's ``load_state_dict`` casts it).
+
+    **torch.compile.** The step is not compiled: it builds its window on first use and reads one
+    number on the host per refactorization (docs/design.md, "Host reads"), so it cannot be one
+    graph. Compile the model and the loss, and call ``opt.step()`` eagerly; a compiled function
+    that calls it runs it eagerly (a graph break), and ``fullgraph=True`` fails saying so. On a
+    GPU the steady-state step is captured as a CUDA graph instead (``window.capture``).
+
     Args:
-        params: parameters or parameter groups (dense, floating point, one device).
-        lr: learning rate ``η ≥ 0``.
+        params: parameters or parameter groups (dense; float32, float64, bfloat16 or float16; one
+            device).
+        lr: learning rate ``η ≥ 0``: a float, or a one-element floating-point tensor (torch.optim's
+            convention; the step multiplies by it on the device, so it may be changed in place).
         momentum: ``μ ∈ [0, 1)``.
         weight_decay: ``wd ≥ 0``, added to the gradient before preconditioning.
         ngrads: window size ``m ≥ 1``.
@@ -127,6 +154,46 @@ class MFAC(Optimizer):
             self.param_groups.pop()
             raise
 
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim keeps only defaults/state/param_groups; the window, the graft's moments and
+        # the skip counter are this optimizer's state too. The window travels as its state_dict
+        # (CPU tensors, no engine internals such as kernels or capture), and is rebuilt around the
+        # copy's own parameters in __setstate__.
+        state = super().__getstate__()
+        pre = self._pre
+        if pre is not None and pre.sharded:
+            raise TypeError(
+                "MFAC: an optimizer with a sharded window cannot be copied or pickled (its state is "
+                "spread over the ranks): save and load it with state_dict() / load_state_dict()."
+            )
+        state["window"] = self.window
+        state["graft"] = self.graft
+        state["_skipped"] = self._skipped
+        state["_window_state"] = None if pre is None else pre.state_dict()
+        state["_window_settings"] = None if pre is None else {k: getattr(pre.config, k) for k in _WINDOW_KEYS}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        window_state = state.pop("_window_state", None)
+        settings = state.pop("_window_settings", None)
+        super().__setstate__(state)
+        # torch's load_state_dict comes through here too, with only state and param_groups: what
+        # this optimizer already has stays. An unpickled one has nothing else yet (and no hooks:
+        # torch drops them from a copy, so they are registered again).
+        for key, default in (("window", WindowConfig()), ("graft", None), ("_skipped", None), ("_pre", None)):
+            if key not in self.__dict__:
+                setattr(self, key, default)
+        if _save_window not in self._optimizer_state_dict_post_hooks.values():
+            self.register_state_dict_post_hook(_save_window)
+        if _load_window not in self._optimizer_load_state_dict_pre_hooks.values():
+            self.register_load_state_dict_pre_hook(_load_window)
+        if window_state is not None:
+            message = self._preconditioner(settings).restore(window_state)
+            if message is not None:
+                warn_once(message)
+
     # ------------------------------------------------------------------ counters
     @property
     def skipped_steps_tensor(self) -> torch.Tensor:
@@ -180,8 +247,14 @@ class MFAC(Optimizer):
                         "to change it."
                     )
 
+    # The step reads the host by design (once per refactor period, every step of a guarded
+    # period) and builds its window on first use, so it cannot be one graph: under
+    # torch.compile it runs eagerly (a graph break), and fullgraph=True fails with this reason.
+    @torch.compiler.disable(reason=COMPILE_MESSAGE)
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        if torch.compiler.is_compiling():  # other tracers that ignore the disable above
+            raise RuntimeError(COMPILE_MESSAGE)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -229,7 +302,14 @@ class MFAC(Optimizer):
         if scaled:
             u.mul_(finite)
         for params, steps, lr in updates:
-            if params:
+            if not params:
+                continue
+            if isinstance(lr, torch.Tensor):
+                # A tensor lr is read on the device, never on the host: scale the direction (an
+                # internal buffer, overwritten by the next step) by it, then subtract.
+                torch._foreach_mul_(steps, lr.to(device=u.device, dtype=u.dtype).reshape(()))
+                torch._foreach_sub_(params, steps)
+            else:
                 torch._foreach_add_(params, steps, alpha=-lr)
         return loss
 
@@ -257,11 +337,29 @@ def _check_step_settings(group: Mapping[str, Any], where: str) -> None:
     :class:`~lightning_mfac.fisher.config.DynamicConfig`, checked there)."""
     prefix = f"{where}: " if where else ""
     try:
-        check.nonnegative_float("lr", group["lr"])
+        _check_lr(group["lr"])
         check.in_unit_interval("momentum", group["momentum"])
         check.nonnegative_float("weight_decay", group["weight_decay"])
     except ValueError as err:
         raise ValueError(f"{prefix}{err}") from None
+
+
+def _check_lr(lr: Any) -> None:
+    """A float ``lr ≥ 0``, or a one-element floating-point tensor (as torch.optim takes, for loops
+    that change it in place without recompiling or re-capturing), whose value is read once, here."""
+    if not isinstance(lr, torch.Tensor):
+        check.nonnegative_float("lr", lr)
+        return
+    if lr.numel() != 1 or not lr.is_floating_point() or lr.is_complex():
+        raise ValueError(
+            f"lr is a tensor of shape {tuple(lr.shape)} and dtype {lr.dtype}: expected a float >= 0 or a "
+            "one-element floating-point tensor."
+        )
+    if lr.requires_grad:
+        raise ValueError("lr is a tensor that requires grad: expected a plain value (detach it).")
+    value = float(lr.detach().reshape(()))  # the one host read: at construction, not per step
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"lr=tensor({value!r}) is invalid: expected a finite number >= 0.")
 
 
 # ---------------------------------------------------------------------- state hooks
