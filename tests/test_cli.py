@@ -547,3 +547,15 @@ def test_window_settings_are_all_overridable_from_the_command_line(overrides, no
     assert set(window) == set(fields)
     assert WindowConfig.coerce(dict(window)) == WindowConfig()
     assert _compose([*overrides, f"{node}.window.kernels=torch"])[node].window.kernels == "torch"
+
+
+def test_help_into_a_reader_that_leaves_early_is_no_traceback(tmp_path):
+    """`mfac-train --help | head -2`: the reader is gone before the help is written (closed here
+    at once, seconds before the interpreter has started)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([*MFAC_TRAIN, "--help"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, bufsize=0)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err  # 128 + SIGPIPE: the write hit the closed pipe
+    assert "Traceback" not in err, err

@@ -8,6 +8,7 @@ module imports none of them, so a missing one is named in one line instead of an
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 
 #: What the app imports that the library does not: (module, distribution).
@@ -34,7 +35,11 @@ def main() -> None:
         raise SystemExit(2)
     from lightning_mfac.app.run import hydra_main
 
-    hydra_main()
+    try:
+        hydra_main()
+    except BrokenPipeError:  # `mfac-train --help | head`: the reader left; no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141) from None  # 128 + SIGPIPE, as a shell reports it
 
 
 if __name__ == "__main__":
