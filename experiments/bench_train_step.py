@@ -5,7 +5,9 @@ of the model's real input shape; a step is forward + backward + optimizer step (
 ``sgd+mfac-callback``, the ``MFACPreconditioner`` hook in between), synchronized on the GPU.
 Reported per (model, optimizer): median and mean time per step after ``--warmup`` steps (the
 mean includes the optimizers' periodic work: SINGD's preconditioner update every T=10 steps,
-Shampoo's inverse roots and SOAP's eigenbases every 10), the median's ratio to SGD's, peak GPU
+Shampoo's inverse roots and SOAP's eigenbases every 10), the median's ratio to SGD's, the median
+of the optimizer step alone (``optimizer.step()`` plus the callback's hook, timed between device
+synchronizations) and its ratio to AdamW's step, peak GPU
 memory (``torch.cuda.max_memory_allocated`` less the pre-made input batches; "n/a" on CPU)
 and the bytes of tensors the optimizer itself holds (state, windows, Kronecker factors: exact
 on any device). M-FAC's passes always cover all m window rows, so its steps cost the same
@@ -58,6 +60,9 @@ def model_specs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "resnet18": _image(functools.partial(models.resnet18, num_classes=1000), (3, size, size), 1000),
         "resnet50": _image(functools.partial(models.resnet50, num_classes=1000), (3, size, size), 1000),
         "mobilenet_v1": _image(functools.partial(models.mobilenet_v1, num_classes=1000), (3, size, size), 1000),
+        # A 396K-parameter MLP on 28×28 inputs: a small model, where the step's fixed costs show.
+        "mlp": _image(lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 200),
+                                            nn.ReLU(), nn.Linear(200, 10)), (1, 28, 28), 10),
         "bert_tiny": {
             "build": functools.partial(models.bert_classifier, num_labels=2, vocab_size=args.vocab_size),
             "kind": "sequence",
@@ -187,7 +192,7 @@ def run_one(model_spec, opt_factory, batches, args, device) -> dict[str, Any]:
     model.train()
     optimizer, before_step = opt_factory(model)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
-    times = []
+    times, step_times = [], []
     begin = time.perf_counter()
     for i, batch in enumerate(batches):
         if args.budget and times and time.perf_counter() - begin > args.budget:
@@ -198,12 +203,16 @@ def run_one(model_spec, opt_factory, batches, args, device) -> dict[str, Any]:
         with amp:
             loss = loss_of(model, batch)
         loss.backward()
+        sync(device)
+        stepping = time.perf_counter()
         if before_step is not None:
             before_step()
         optimizer.step()
         sync(device)
         if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+            end = time.perf_counter()
+            times.append(end - start)
+            step_times.append(end - stepping)  # the optimizer's own work (and the callback's hook)
     if not math.isfinite(loss.item()):
         raise FloatingPointError(f"non-finite loss {float(loss)}")
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -213,6 +222,7 @@ def run_one(model_spec, opt_factory, batches, args, device) -> dict[str, Any]:
     peak = torch.cuda.max_memory_allocated(device) - inputs if device.type == "cuda" else None
     return {
         "times": times,
+        "step_times": step_times,
         "peak_mem_mb": peak / 2**20 if peak is not None else None,
         "state_mb": state / 2**20,
         "params": sum(p.numel() for p in model.parameters()),
@@ -268,17 +278,18 @@ def fmt(x: float | None, digits: int = 1) -> str:
 
 def markdown(rows: list[dict[str, Any]], device: torch.device, planned: int) -> str:
     mem = "peak GPU MB" if device.type == "cuda" else "peak mem"
-    head = f"| model | optimizer | median ms/step | mean ms/step | × SGD (median) | {mem} | optimizer state MB | M-FAC floor ms |"
-    lines = [head, "|" + " --- |" * 8]
+    head = (f"| model | optimizer | median ms/step | mean ms/step | × SGD (median) | optimizer step ms | "
+            f"step × AdamW's | {mem} | optimizer state MB | M-FAC floor ms |")
+    lines = [head, "|" + " --- |" * 10]
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['model']} | {r['optimizer']} | error: {r['error']} | | | | | |")
+            lines.append(f"| {r['model']} | {r['optimizer']} | error: {r['error']} | | | | | | | |")
             continue
         ratio = fmt(r.get("ratio_to_sgd"), 2)
         short = f" ({r['measured_steps']} steps)" if r["measured_steps"] < planned else ""
         lines.append(
             f"| {r['model']} | {r['optimizer']}{short} | {fmt(r['median_ms'])} | {fmt(r['mean_ms'])} | {ratio} | "
-            f"{fmt(r['peak_mem_mb'], 0)} | {fmt(r['state_mb'], 1)} | {fmt(r.get('floor_ms'), 1)} |"
+            f"{fmt(r['step_ms'], 2)} | {fmt(r.get('step_ratio_to_adamw'), 2)} | {fmt(r['peak_mem_mb'], 0)} | {fmt(r['state_mb'], 1)} | {fmt(r.get('floor_ms'), 1)} |"
         )
     return "\n".join(lines)
 
@@ -287,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: tiny batches, 3 steps, ResNet-20 + BERT")
-    parser.add_argument("--models", default=None, help="comma list (default: resnet20,resnet18,mobilenet_v1,bert_tiny)")
+    parser.add_argument("--models", default=None, help="comma list (default: resnet20,resnet18,mobilenet_v1,bert_tiny,mlp)")
     parser.add_argument("--optimizers", default=None, help="comma list (default: all)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 128 on cuda, 32 on cpu")
     parser.add_argument("--steps", type=int, default=None, help="measured steps (default: 30 cuda, 10 cpu)")
@@ -317,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seq_len = args.seq_len or 16
         if args.vocab_size == 30522:
             args.vocab_size = 1000
-    args.models = args.models or "resnet20,resnet18,mobilenet_v1,bert_tiny"
+    args.models = args.models or "resnet20,resnet18,mobilenet_v1,bert_tiny,mlp"
     args.batch_size = args.batch_size or (128 if cuda else 32)
     args.steps = args.steps or (30 if cuda else 10)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
@@ -349,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     for mname in want_models:
         spec = models[mname]
         batches = make_batches(spec, args.warmup + args.steps, args.batch_size, device)
-        results: dict[str, dict[str, Any]] = {o: {"model": mname, "optimizer": o, "times": []} for o in want_opts}
+        results: dict[str, dict[str, Any]] = {
+            o: {"model": mname, "optimizer": o, "times": [], "step_times": []} for o in want_opts
+        }
         # Repeats go round all optimizers in turn, so that load from other processes on a shared
         # machine spreads over all of them instead of spoiling one.
         for rep in range(args.repeats):
@@ -363,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                     row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
                 else:
                     row["times"] += out.pop("times")
+                    row["step_times"] += out.pop("step_times")
                     peak = max(row.get("peak_mem_mb") or 0.0, out.pop("peak_mem_mb") or 0.0)
                     row.update(out, peak_mem_mb=peak if device.type == "cuda" else None)
                 if device.type == "cuda":
@@ -371,13 +385,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {mname:<13} {oname:<20} " + (row.get("error") or f"{1e3 * row['times'][-1]:.1f} ms (last)"),
                       file=sys.stderr, flush=True)
         base = None
+        adamw = results.get("adamw", {}).get("step_times")
+        adamw_ms = 1e3 * statistics.median(adamw) if adamw else None
         for oname in want_opts:
             row = results[oname]
-            times = row.pop("times")
+            times, step_times = row.pop("times"), row.pop("step_times")
             if not row.get("error"):
                 row["measured_steps"] = len(times)
                 row["median_ms"] = 1e3 * statistics.median(times)
                 row["mean_ms"] = 1e3 * statistics.fmean(times)
+                row["step_ms"] = 1e3 * statistics.median(step_times)
+                row["step_ratio_to_adamw"] = row["step_ms"] / adamw_ms if adamw_ms else None
                 if oname == "sgd":
                     base = row["median_ms"]
                 row["ratio_to_sgd"] = row["median_ms"] / base if base else None
