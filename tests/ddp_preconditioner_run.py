@@ -51,9 +51,12 @@ def main(mode: str, out: str) -> None:
         _, _, first = _fit(ddp, root, precision, max_epochs=1, max_steps=-1)
         ckpt = os.path.join(root, "epoch0.ckpt")
         first.save_checkpoint(ckpt)
-        shards = sorted(n for n in os.listdir(os.path.join(root, "mfac-window-shards")) if not n.startswith("."))
-        # The callback installed the CheckpointIO that ties those files to this checkpoint.
-        shards.append(os.path.exists(ckpt + ".mfac-shards.json"))
+        # Every rank wrote its columns beside the checkpoint, which names exactly those files.
+        shards = sorted(os.listdir(ckpt + ".mfac-window"))
+        (state,) = [v for k, v in torch.load(ckpt, weights_only=True)["callbacks"].items()
+                    if k.startswith("MFACPreconditioner")]
+        manifest = state["preconditioners"][0]["fisher"]["window"]
+        shards.append(sorted(name for _, _, name in manifest["files"]) == shards)
         module, callback, trainer = _fit(ddp, root, precision, ckpt_path=ckpt, max_steps=7)
     else:
         module, callback, trainer = _fit(ddp, root, precision, max_steps=7)

@@ -255,11 +255,12 @@ def test_resume_of_a_ddp_checkpoint_without_its_window_files_is_refused(quicksta
 
     cfg, task = quickstart_task
     manifest = {"format": SHARDED_CHECKPOINT_FORMAT, "rows": 4, "dim": 9, "dtype": "torch.float32",
-                "directory": str(tmp_path / "mfac-window-shards"),
-                "files": [(0, 5, "window-20261205-120000-0123456789ab-rank00000-of-00002.pt")]}
+                "directory": str(tmp_path / "elsewhere.ckpt.mfac-window"),
+                "files": [(0, 5, "window-0123456789ab-000-rank00000-of-00002.pt")]}
     state = {"state_dict": task.state_dict(),
              "callbacks": {"MFACPreconditioner{}": {"preconditioners": {0: {"fisher": {"window": manifest}}}}}}
-    with pytest.raises(ConfigError, match=r"sharded M-FAC window file .*rank00000-of-00002.pt.*does not exist"):
+    with pytest.raises(ConfigError, match=r"sharded M-FAC window file .*rank00000-of-00002.pt.*does not exist: "
+                                          r"copy the folder 'x.ckpt.mfac-window' along"):
         _resume(cfg, task, tmp_path, state)
     manifest["files"] = [(0, 5, "../../etc/passwd")]
     with pytest.raises(ConfigError, match=r"bad sharded-window manifest: .*not a plain file name"):
@@ -496,13 +497,18 @@ def test_ddp_cpu_run(tmp_path):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("MFACPreconditioner")]
     assert state["preconditioners"][0]["fisher"]["count"] == 4
-    # The sharded window's per-rank files are in the run folder, one set per kept checkpoint.
+    # The sharded window's per-rank files are beside each kept checkpoint, and only there.
     manifest = state["preconditioners"][0]["fisher"]["window"]
-    assert manifest["directory"] == str(run_dir / "mfac-window-shards")
-    kept = sorted(p.name for p in (run_dir / "mfac-window-shards").iterdir() if not p.name.startswith("."))
-    named = {name for c in (run_dir / "checkpoints").glob("*.ckpt.mfac-shards.json")
-             for name in map(os.path.basename, json.loads(c.read_text())["files"])}
-    assert kept == sorted(named) and len(kept) == 2 * len(list((run_dir / "checkpoints").glob("*.ckpt")))
+    assert manifest["directory"] == str(run_dir / "checkpoints" / "last.ckpt.mfac-window")
+    ckpts = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    folders = sorted((run_dir / "checkpoints").glob("*.ckpt.mfac-window"))
+    assert [f"{c.name}.mfac-window" for c in ckpts] == [f.name for f in folders]
+    for ckpt in ckpts:
+        (saved,) = [v for k, v in torch.load(ckpt, weights_only=True)["callbacks"].items()
+                    if k.startswith("MFACPreconditioner")]
+        named = sorted(name for _, _, name in saved["preconditioners"][0]["fisher"]["window"]["files"])
+        assert sorted(p.name for p in Path(f"{ckpt}.mfac-window").iterdir()) == named and len(named) == 2
+    assert not (run_dir / "mfac-window-shards").exists()
 
 
 @pytest.mark.parametrize(("group", "needle"), [("hparams_search=optuna", "OptunaSweeper"), ("launcher=slurm", "submitit")])

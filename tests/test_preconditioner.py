@@ -389,9 +389,9 @@ def test_ddp_sharded_equals_single_process(tmp_path):
     assert out["ddp"]["storage"] == out["ddp32-resume"]["storage"] == "ShardedWindow"
     assert out["single"]["storage"] == "DeviceWindow"
     assert torch.allclose(out["ddp"]["params"], out["single"]["params"], rtol=0, atol=1e-10)
-    # Resumed from a checkpoint whose window is one file per rank, beside the run's logs.
-    *shards, sidecar = out["ddp32-resume"]["shards"]
-    assert sidecar is True
+    # Resumed from a checkpoint whose window is one file per rank, beside the checkpoint.
+    *shards, named = out["ddp32-resume"]["shards"]
+    assert named is True
     assert len(shards) == 2 and shards[0].endswith("rank00000-of-00002.pt") and shards[1].endswith("rank00001-of-00002.pt")
     assert torch.equal(out["ddp32-resume"]["params"], out["ddp32"]["params"])
 

@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_mfac.app.checks import ConfigError, check_data, enabled
 from lightning_mfac.app.tasks import TASKS
@@ -129,15 +129,3 @@ def finish_logger(logger: Any) -> None:
 
         if wandb.run is not None:
             wandb.finish()
-
-
-def place_window_shards(cfg: DictConfig, shard_dir: Path) -> None:
-    """Sharded M-FAC windows (DDP) write their per-rank checkpoint files into the run folder, not
-    the working directory: the optimizer's and the preconditioner's ``window.shard_dir`` default
-    to ``shard_dir``."""
-    for group in ("optimizer", "preconditioner"):
-        window = OmegaConf.select(cfg, f"{group}.window", default=None)
-        if isinstance(window, DictConfig) and window.get("shard_dir") is None:
-            with open_dict(window):
-                window.shard_dir = str(shard_dir)
-

@@ -24,9 +24,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_mfac import _validation as check
 from lightning_mfac.app.tasks import TASKS
-from lightning_mfac.callbacks.window_shards import window_files
 from lightning_mfac.fisher.config import DynamicConfig, WindowConfig
-from lightning_mfac.fisher.storage import WindowMemoryError, check_window_fits, plan_storage
+from lightning_mfac.fisher.storage import (
+    WindowMemoryError,
+    check_window_fits,
+    locate_window_shards,
+    plan_storage,
+    window_files,
+    window_shard_folder,
+)
 from lightning_mfac.pruning.config import OBSConfig
 
 
@@ -260,7 +266,7 @@ def check_resume(cfg: DictConfig, task: pl.LightningModule) -> None:
             f"(e.g. {example!r})."
         )
     try:
-        files = list(window_files(state))
+        files = list(window_files(locate_window_shards(state, path)))
     except (ValueError, KeyError, TypeError) as err:  # a crafted or damaged manifest
         raise ConfigError(f"ckpt_path={str(path)!r} holds a bad sharded-window manifest: {err}") from None
     for file in files:
@@ -269,7 +275,7 @@ def check_resume(cfg: DictConfig, task: pl.LightningModule) -> None:
         if not Path(file).is_file():
             raise ConfigError(
                 f"ckpt_path={str(path)!r} refers to the sharded M-FAC window file {file!r}, which does not "
-                "exist: copy the run's mfac-window-shards folder along with the checkpoint."
+                f"exist: copy the folder {Path(window_shard_folder(path)).name!r} along with the checkpoint."
             )
     pruned = [k for k in state.get("callbacks", {}) if str(k).startswith("OBSPruning")]
     if pruned and OmegaConf.select(cfg, "pruning.kind", default=None) != "gradual":

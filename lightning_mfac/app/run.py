@@ -29,7 +29,6 @@ from lightning_mfac.app.assembly import (
     build_logger,
     build_task,
     finish_logger,
-    place_window_shards,
     run_names,
 )
 from lightning_mfac.app.callbacks import TrainingDiverged
@@ -48,7 +47,7 @@ from lightning_mfac.app.report import (
     run_report,
 )
 from lightning_mfac.callbacks.window_shards import use_window_shard_checkpoint_io
-from lightning_mfac.fisher.storage import DEFAULT_SHARD_DIR, WindowMemoryError
+from lightning_mfac.fisher.storage import WindowMemoryError
 
 
 def _quiet_lightning() -> None:
@@ -92,7 +91,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print(f"mfac-train: note: {schedule_note}.", file=sys.stderr, flush=True)
     output_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    place_window_shards(cfg, output_dir / DEFAULT_SHARD_DIR)
     dm = build_datamodule(cfg)
     task = build_task(cfg, dm)
     check_resume(cfg, task)

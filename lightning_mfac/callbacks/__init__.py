@@ -9,6 +9,7 @@ _MODULES = {
     "MFACPreconditioner": "lightning_mfac.callbacks.preconditioner",
     "OBSPruning": "lightning_mfac.callbacks.obs_pruning",
     "WindowShardCheckpointIO": "lightning_mfac.callbacks.window_shards",
+    "use_window_shard_checkpoint_io": "lightning_mfac.callbacks.window_shards",
 }
 
 __all__ = list(_MODULES)

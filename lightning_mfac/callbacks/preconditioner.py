@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,7 +13,6 @@ from lightning_mfac import _validation as check
 from lightning_mfac.callbacks._guards import check_full_gradients, check_strategy
 from lightning_mfac.callbacks.window_shards import use_window_shard_checkpoint_io
 from lightning_mfac.fisher.config import DynamicConfig, WindowConfig
-from lightning_mfac.fisher.storage import DEFAULT_SHARD_DIR
 from lightning_mfac.optim.flat import FlatPreconditioner, check_masks
 from lightning_mfac.optim.grafting import GRAFTS, make_grafting
 from lightning_mfac.optim.masking import Masks
@@ -72,7 +70,7 @@ class MFACPreconditioner(Callback):
         window: a :class:`~lightning_mfac.fisher.config.WindowConfig` or a mapping of its fields
             (dtype, storage, page_cols, page_budget_bytes, refactor_every, kernels, process_group,
             shard_dir). Under DDP the window is sharded by default and checkpointed as one file per
-            rank in ``shard_dir`` (default: ``<trainer.log_dir>/mfac-window-shards``).
+            rank beside each checkpoint, in ``<checkpoint>.mfac-window/``.
         params: ``None`` for all trainable parameters of the optimizer, else names / ``"re:<regex>"``.
         optimizers: ``None`` for every optimizer of the run, else the index or indices to precondition.
         save_window: include the window in checkpoints.
@@ -132,12 +130,7 @@ class MFACPreconditioner(Callback):
             return
         check_strategy(trainer.strategy, "MFACPreconditioner")
         self._start_fit()
-        use_window_shard_checkpoint_io(trainer)  # window files leave with the checkpoints using them
-        if self.window.shard_dir is None and trainer.world_size > 1:
-            # A sharded window writes one checkpoint file per rank: beside the run's logs, which
-            # every rank resolves to the same path (``log_dir`` is broadcast from rank 0).
-            shard_dir = os.path.join(trainer.log_dir or trainer.default_root_dir, DEFAULT_SHARD_DIR)
-            self._config = self.config.replace(window=self.window.replace(shard_dir=shard_dir))
+        use_window_shard_checkpoint_io(trainer)  # a sharded window's checkpoint: every rank's columns
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.optimizers is not None and max(self.optimizers) >= len(trainer.optimizers):

@@ -71,10 +71,10 @@ class WindowConfig:
         kernels: implementation of the window passes: ``"auto"``, ``"triton"``, ``"cpu"`` or ``"torch"``.
         capture: ``"auto"``, ``"off"`` or ``"cuda_graph"`` (see :data:`CAPTURES`).
         process_group: ``torch.distributed`` group of a sharded window (default: the world).
-        shard_dir: directory, shared by all ranks, where a sharded window writes its checkpoint: one
-            file per rank holding only that rank's columns (docs/design.md, "Checkpoint layout").
-            Default: ``./mfac-window-shards`` of rank 0's working directory; ``MFACPreconditioner``
-            puts it in the trainer's log directory.
+        shard_dir: where to look first for the per-rank files of a sharded window's checkpoint when
+            it is loaded (they are written beside the checkpoint, in ``<checkpoint>.mfac-window/``,
+            and found there from the checkpoint's path; docs/design.md, "Checkpoint layout"). Needed
+            only for a checkpoint whose files were moved apart from it.
     """
 
     dtype: torch.dtype | None = None

@@ -62,6 +62,11 @@ class MFAC(Optimizer):
     warned about once. The window then follows the rule of
     :meth:`~lightning_mfac.optim.flat.FlatPreconditioner.restore`: a checkpoint whose window has
     another dtype than ``window`` asks for starts an empty window (warned about once).
+    Under ``torch.distributed`` the window is sharded by default and ``state_dict()`` holds this
+    rank's columns only: keep one state per rank, or write all ranks' columns beside a checkpoint
+    with :func:`lightning_mfac.fisher.storage.write_window_shards` (on every rank). In a Lightning
+    ``Trainer``, ``lightning_mfac.callbacks.use_window_shard_checkpoint_io(trainer)`` does that for
+    every checkpoint (``MFACPreconditioner`` and ``mfac-train`` call it themselves).
 
     **Copies.** ``copy.deepcopy`` and ``pickle`` carry the window, its factorization, the graft's
     state and the skip counter (a sharded window is refused: use ``state_dict``); deep-copy the

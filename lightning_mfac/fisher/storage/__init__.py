@@ -10,7 +10,8 @@ One module per storage kind, behind the contract of :mod:`~lightning_mfac.fisher
                   flight on a side stream; host-side writes wait for that stream first.
 ``ShardedWindow`` (:mod:`.sharded`) under ``torch.distributed``: each rank stores a contiguous
                   1/world slice of the coordinates; dot products and Grams are all-reduced,
-                  combinations all-gathered; checkpointed as one file per rank plus a manifest.
+                  combinations all-gathered; its state is this rank's columns, and
+                  :mod:`.shard_files` writes a checkpoint's files of all ranks beside it.
 
 :mod:`.planner` holds the one rule for ``storage="auto"`` (:func:`plan_storage`) and
 :func:`make_window`.
@@ -19,6 +20,7 @@ One module per storage kind, behind the contract of :mod:`~lightning_mfac.fisher
 from lightning_mfac.fisher.storage.base import (
     CHECKPOINT_BLOCK_BYTES,
     CHECKPOINT_FORMAT,
+    LOCAL_SHARD_FORMAT,
     SHARD_FILE_FORMAT,
     SHARDED_CHECKPOINT_FORMAT,
     WindowStorage,
@@ -35,16 +37,26 @@ from lightning_mfac.fisher.storage.planner import (
     make_window,
     plan_storage,
 )
-from lightning_mfac.fisher.storage.sharded import DEFAULT_SHARD_DIR, WINDOW_FILE_NAME, ShardedWindow
+from lightning_mfac.fisher.storage.shard_files import (
+    SHARD_FOLDER_SUFFIX,
+    WINDOW_FILE_NAME,
+    locate_window_shards,
+    prune_window_folder,
+    window_files,
+    window_shard_folder,
+    write_window_shards,
+)
+from lightning_mfac.fisher.storage.sharded import ShardedWindow
 
 __all__ = [
     "AUTO_DEVICE_FRACTION",
     "CHECKPOINT_BLOCK_BYTES",
     "CHECKPOINT_FORMAT",
-    "DEFAULT_SHARD_DIR",
+    "LOCAL_SHARD_FORMAT",
     "PAGE_BUDGET_FRACTION",
     "SHARDED_CHECKPOINT_FORMAT",
     "SHARD_FILE_FORMAT",
+    "SHARD_FOLDER_SUFFIX",
     "WINDOW_FILE_NAME",
     "DeviceWindow",
     "PagedWindow",
@@ -56,6 +68,11 @@ __all__ = [
     "default_page_cols",
     "free_bytes",
     "itemsize",
+    "locate_window_shards",
     "make_window",
     "plan_storage",
+    "prune_window_folder",
+    "window_files",
+    "window_shard_folder",
+    "write_window_shards",
 ]

@@ -36,6 +36,8 @@ CHECKPOINT_FORMAT = "mfac-window/1"
 #: A sharded window's checkpoint: a manifest of per-rank files, each in ``SHARD_FILE_FORMAT``.
 SHARDED_CHECKPOINT_FORMAT = "mfac-window-sharded/1"
 SHARD_FILE_FORMAT = "mfac-window-shard/1"
+#: One rank's columns of a sharded window, as its ``state_dict()`` returns them (no files).
+LOCAL_SHARD_FORMAT = "mfac-window-local-shard/1"
 
 
 def itemsize(dtype: torch.dtype) -> int:
@@ -161,19 +163,25 @@ class WindowStorage(ABC):
         if isinstance(state, torch.Tensor):
             blocks = [(0, self.dim, state)]
         else:
-            if (
-                state.get("format") not in (CHECKPOINT_FORMAT, SHARDED_CHECKPOINT_FORMAT)
-                or state["rows"] != self.rows
-                or state["dim"] != self.dim
-            ):
+            formats = (CHECKPOINT_FORMAT, SHARDED_CHECKPOINT_FORMAT, LOCAL_SHARD_FORMAT)
+            if state.get("format") not in formats or state["rows"] != self.rows or state["dim"] != self.dim:
                 raise ValueError(
                     f"window checkpoint (format={state.get('format')!r}, rows={state.get('rows')}, "
-                    f"dim={state.get('dim')}) does not match this window ({CHECKPOINT_FORMAT!r} or "
-                    f"{SHARDED_CHECKPOINT_FORMAT!r}, rows={self.rows}, dim={self.dim})."
+                    f"dim={state.get('dim')}) does not match this window (one of {formats}, "
+                    f"rows={self.rows}, dim={self.dim})."
                 )
             if state["format"] == SHARDED_CHECKPOINT_FORMAT:
                 blocks = _shard_file_blocks(state, lo, hi, shard_dir)
             else:
+                if state["format"] == LOCAL_SHARD_FORMAT and not (state["lo"] <= lo and hi <= state["hi"]):
+                    raise ValueError(
+                        f"this window state holds only columns [{state['lo']}, {state['hi']}) of a window sharded "
+                        f"over {state['world']} ranks (rank {state['rank']}'s state_dict), but columns [{lo}, {hi}) "
+                        "are needed here: checkpoint sharded windows with write_window_shards(state, path) on every "
+                        "rank (Lightning: MFACPreconditioner, mfac-train or "
+                        "lightning_mfac.callbacks.use_window_shard_checkpoint_io(trainer) do it), or load each "
+                        "rank's own state_dict on that rank."
+                    )
                 blocks = state["blocks"]
         self.zero_()
         for c0, c1, block in blocks:

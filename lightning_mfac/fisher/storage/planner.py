@@ -126,7 +126,7 @@ def make_window(
         # This rank's slice is a window of its own, placed by the same rule (never sharded again).
         local = cfg.replace(storage=plan_storage("auto", rows, hi - lo, dtype, device, shardable=False),
                             process_group=None)
-        return ShardedWindow(make_window(local, rows, hi - lo, device), dim, lo, hi, group, cfg.shard_dir)
+        return ShardedWindow(make_window(local, rows, hi - lo, device), dim, lo, hi, group)
     check_window_fits(rows, dim, dtype, device, storage)
     if storage == "paged":
         return PagedWindow(rows, dim, dtype, device, cfg.page_cols, cfg.page_budget_bytes, cfg.kernels)

@@ -1,36 +1,22 @@
-"""A window split over the ranks of a ``torch.distributed`` group, coordinate-wise, and its
-checkpoint of one file per rank."""
+"""A window split over the ranks of a ``torch.distributed`` group, coordinate-wise; its state is
+this rank's columns (the files of a whole checkpoint: :mod:`.shard_files`)."""
 
 from __future__ import annotations
 
-import errno
 import math
-import os
-import re
-import time
-import uuid
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from lightning_mfac._files import DiskFullError, atomic_save
-from lightning_mfac.fisher.storage.base import SHARD_FILE_FORMAT, SHARDED_CHECKPOINT_FORMAT, WindowStorage
-
-#: The name of a per-rank window file (see ``ShardedWindow.state_dict``).
-WINDOW_FILE_NAME = re.compile(r"window-\d{8}-\d{6}-[0-9a-f]{12}-rank\d{5}-of-\d{5}\.pt")
-#: Where a sharded window writes its per-rank files when its config names no ``shard_dir``.
-DEFAULT_SHARD_DIR = "mfac-window-shards"
+from lightning_mfac.fisher.storage.base import LOCAL_SHARD_FORMAT, WindowStorage
 
 
 class ShardedWindow(WindowStorage):
     """Each rank stores coordinates ``[lo, hi)`` of a contiguous 1/world split of ``d`` in ``local``."""
 
-    def __init__(
-        self, local: WindowStorage, dim: int, lo: int, hi: int, group=None, shard_dir: str | None = None
-    ) -> None:
+    def __init__(self, local: WindowStorage, dim: int, lo: int, hi: int, group=None) -> None:
         self.local, self.dim, self.lo, self.hi, self.group = local, dim, lo, hi, group
-        self.shard_dir = shard_dir
         self.rows, self.dtype, self.device, self.kernels = (
             local.rows,
             local.dtype,
@@ -119,48 +105,33 @@ class ShardedWindow(WindowStorage):
         self.local.zero_()
 
     def state_dict(self) -> dict[str, Any]:
-        """Write this rank's column blocks to its own file and return the manifest of all ranks'
-        files (docs/design.md, "Checkpoint layout"). Collective: rank 0 names the save (so a new
-        checkpoint never overwrites the files an older one refers to) and every rank has written its
-        file when any rank returns. No rank holds, sends or receives another rank's columns."""
-        root = 0 if self.group is None else dist.get_global_rank(self.group, 0)
-        named = [None]
-        if self.rank == 0:
-            directory = os.path.abspath(self.shard_dir or DEFAULT_SHARD_DIR)
-            named = [(directory, f"window-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}")]
-        dist.broadcast_object_list(named, src=root, group=self.group)
-        directory, tag = named[0]
-        files = [(*self.bounds(self.dim, r, self.world), f"{tag}-rank{r:05d}-of-{self.world:05d}.pt")
-                 for r in range(self.world)]  # fmt: skip
-        mine = WindowStorage.state_dict(self)
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, files[self.rank][2])
-        # A crash or a full disk mid-write leaves no truncated file under the name a checkpoint
-        # refers to (lightning_mfac._files).
-        failure: OSError | None = None
+        """This rank's columns, in ``LOCAL_SHARD_FORMAT``: no file is written and no other rank is
+        involved. A checkpoint of the whole window writes every rank's columns beside the checkpoint
+        with :func:`~lightning_mfac.fisher.storage.shard_files.write_window_shards` (Lightning:
+        ``lightning_mfac.callbacks.window_shards`` does it), or keeps one state per rank."""
+        members = [(dist.get_global_rank(self.group, r) if self.group is not None else r,
+                    self.bounds(self.dim, r, self.world)) for r in range(self.world)]  # fmt: skip
+        return {**WindowStorage.state_dict(self), "format": LOCAL_SHARD_FORMAT, "lo": self.lo, "hi": self.hi,
+                "rank": self.rank, "world": self.world, "members": members}
+
+    def load_state_dict(self, state: dict[str, Any] | torch.Tensor, shard_dir: str | None = None) -> None:
+        """As :meth:`WindowStorage.load_state_dict`; collective: when any rank cannot restore its
+        columns, every rank raises (none goes on to train and waits forever for the others)."""
+        failure: Exception | None = None
         try:
-            atomic_save({**mine, "format": SHARD_FILE_FORMAT, "lo": self.lo, "hi": self.hi}, path)
-        except OSError as err:
+            WindowStorage.load_state_dict(self, state, shard_dir)
+        except (OSError, ValueError, KeyError, TypeError) as err:
             failure = err
-        # In place of a barrier: every rank learns whether all files were written, so a rank whose
-        # disk is full fails the save everywhere instead of leaving the others waiting forever.
-        failed = torch.tensor([0 if failure is None else 1 + isinstance(failure, DiskFullError)], device=self.device)
+        failed = torch.tensor([failure is not None], dtype=torch.int64, device=self._collective_device())
         dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
         if failure is not None:
             raise failure
-        if int(failed.item()) == 2:
-            raise DiskFullError(errno.ENOSPC, f"no space left on device: another rank could not write its "
-                                              f"sharded window file into {directory}")
-        if int(failed.item()) == 1:
-            raise OSError(f"sharded window checkpoint: another rank could not write its file into {directory}")
-        return {
-            "format": SHARDED_CHECKPOINT_FORMAT,
-            "rows": self.rows,
-            "dim": self.dim,
-            "dtype": str(self.dtype),
-            "directory": directory,
-            "files": files,
-        }
+        if int(failed.item()):
+            raise RuntimeError("sharded window: another rank could not restore its columns from the checkpoint "
+                               "(its error says why); this rank's columns were not restored either.")
+
+    def _collective_device(self) -> torch.device:
+        return self.device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
 
     def to_dense(self) -> torch.Tensor:
         # Collective: the full window on every rank, for tests only.
