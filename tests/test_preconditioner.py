@@ -13,7 +13,7 @@ import torch
 from lit_models import TinyClassifier, flat_params, make_trainer
 
 from lightning_mfac import MFACPreconditioner
-from lightning_mfac.callbacks._guards import check_full_gradients
+from lightning_mfac.callbacks._guards import check_full_gradients, check_strategy
 
 
 def _fit(tmp_path, module, callbacks=(), **trainer_kwargs):
@@ -315,37 +315,27 @@ def test_parameter_set_changed_after_window_built_is_an_error(tmp_path):
 
 
 def _strategies():
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
     # DeepSpeedStrategy() needs the deepspeed package; the guard only looks at the class.
-    return [FSDPStrategy(), ModelParallelStrategy(), DeepSpeedStrategy.__new__(DeepSpeedStrategy)]
+    return [FSDPStrategy(), DeepSpeedStrategy.__new__(DeepSpeedStrategy)]
 
 
-@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("index", [0, 1])
 def test_sharded_strategies_are_refused_at_setup(index):
     from types import SimpleNamespace
 
     strategy = _strategies()[index]
-    with pytest.raises(ValueError, match=f"does not support strategy {type(strategy).__name__}.*Supported: a single"):
+    with pytest.raises(ValueError, match=f"does not support strategy {type(strategy).__name__}.*Use FSDP2 instead"):
         MFACPreconditioner().setup(SimpleNamespace(strategy=strategy), TinyClassifier(), "fit")
 
 
-def test_model_parallel_strategy_is_refused_in_a_real_run(tmp_path):
-    import torch.distributed as dist
-    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+def test_model_parallel_strategy_passes_the_guard():
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
-    MFACPreconditioner().setup(pl.Trainer(strategy=DDPStrategy(), accelerator="cpu", logger=False), TinyClassifier(),
-                               "fit")  # DDP is fine
-    environ = dict(os.environ)
-    try:
-        with pytest.raises(ValueError, match="does not support strategy ModelParallelStrategy"):
-            _fit(tmp_path, TinyClassifier(), [MFACPreconditioner(ngrads=2)], strategy=ModelParallelStrategy())
-    finally:
-        # The strategy set up a 1-process group (and its MASTER_PORT etc.) before the callback refused.
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(environ)
+    check_strategy(ModelParallelStrategy(), "MFACPreconditioner")  # FSDP2: the window follows the shards
+    with pytest.raises(ValueError, match="OBSPruning does not support strategy ModelParallelStrategy yet"):
+        check_strategy(ModelParallelStrategy(), "OBSPruning", fsdp2=False)
 
 
 def test_sparse_embedding_and_meta_parameters_are_refused_by_name(tmp_path):
@@ -442,14 +432,17 @@ def test_hook_driven_by_hand_without_a_trainer_run(dense_inverse):
     torch.testing.assert_close(u, dense_inverse(window, 0.1) @ g, rtol=1e-10, atol=0)
 
 
-def test_dtensor_parameters_are_refused_by_name():
-    """What FSDP2 / tensor parallelism hands the callback: a parameter that is a DTensor shard. A
-    2-rank fake process group (no communication) builds one in this process."""
+def test_dtensor_parameters_other_than_fsdp2_s_are_refused_by_name():
+    """What FSDP2 / tensor parallelism hands the callback: parameters that are DTensor shards. Row
+    shards (FSDP2's Shard(0)) pass the callback's guard; a column shard (tensor parallelism) is
+    refused by name where the window is laid out. A 2-rank fake process group builds them here."""
     import torch.distributed as dist
 
     fake_pg = pytest.importorskip("torch.testing._internal.distributed.fake_pg")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lightning_mfac.optim.fsdp import shard_layout
 
     assert not dist.is_initialized()
     dist.init_process_group("fake", store=fake_pg.FakeStore(), rank=0, world_size=2)
@@ -457,8 +450,13 @@ def test_dtensor_parameters_are_refused_by_name():
         layer = torch.nn.Linear(4, 4)
         mesh = init_device_mesh("cpu", (2,))
         layer.weight = torch.nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, [Shard(0)]))
-        with pytest.raises(ValueError, match="parameter 'weight' is a DTensor.*Supported: a single device, or DDP"):
-            check_full_gradients(layer, list(layer.named_parameters()), "MFACPreconditioner")
-        check_full_gradients(layer, [("bias", layer.bias)], "MFACPreconditioner")  # a plain tensor passes
+        layer.bias = torch.nn.Parameter(distribute_tensor(layer.bias.detach(), mesh, [Shard(0)]))
+        check_full_gradients(layer, list(layer.named_parameters()), "MFACPreconditioner")
+        layer.weight = torch.nn.Parameter(distribute_tensor(layer.weight.full_tensor().detach(), mesh, [Shard(1)]))
+        with pytest.raises(ValueError, match="parameter 'weight' has placements .*Shard\\(dim=1\\).*expected FSDP2's default"):
+            shard_layout([layer.weight, layer.bias], "MFACPreconditioner", ["weight", "bias"])
+        plain = torch.nn.Parameter(torch.zeros(3))
+        with pytest.raises(ValueError, match="parameter 'p' is a plain tensor but others are FSDP2 DTensors"):
+            shard_layout([layer.bias, plain], "MFAC", ["bias", "p"])
     finally:
         dist.destroy_process_group()

@@ -1,5 +1,6 @@
 """What a callback that keeps a gradient window needs from the run: every rank holds the full
-gradient of every parameter it preconditions, as dense tensors with data."""
+gradient of every parameter it preconditions, or (FSDP2) the gradient of its own ``DTensor``
+shards, as dense tensors with data."""
 
 from __future__ import annotations
 
@@ -8,42 +9,46 @@ from collections.abc import Sequence
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 
-SUPPORTED = "a single device, or DDP (strategy='ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook', …)"
+SUPPORTED = ("a single device, DDP (strategy='ddp', 'ddp_spawn', …), or FSDP2: ModelParallelStrategy with "
+             "torch.distributed.fsdp.fully_shard applied in configure_model")
 
-# Strategies whose ranks hold shards of the parameters and gradients (or hand them to an engine
-# that does): a window over one rank's shard is not the model's Fisher.
+# Strategies whose ranks hold shards in a form the window cannot follow: FSDP1's flat parameters
+# mix the tensors of a module in one flat shard, DeepSpeed hands the gradients to its own engine.
 _SHARDED = (
-    (FSDPStrategy, "shards parameters and gradients over the ranks (FSDP)"),
+    (FSDPStrategy, "shards flattened parameters (FSDP1 FlatParameter), whose shards are not whole rows of "
+                   "the model's tensors"),
     (DeepSpeedStrategy, "partitions gradients and optimizer state over the ranks (ZeRO) inside DeepSpeed's engine"),
-    (ModelParallelStrategy, "holds DTensor shards of the parameters and gradients (FSDP2, tensor parallelism)"),
 )
 
 
-def check_strategy(strategy: Strategy, owner: str) -> None:
-    """Refuse a strategy under which a rank does not hold full parameter gradients."""
+def check_strategy(strategy: Strategy, owner: str, fsdp2: bool = True) -> None:
+    """Refuse a strategy whose gradients the window cannot follow; ``fsdp2=False``: also FSDP2
+    (``ModelParallelStrategy``), for a callback that needs every rank to hold full gradients."""
+    if not fsdp2 and isinstance(strategy, ModelParallelStrategy):
+        raise ValueError(
+            f"{owner} does not support strategy ModelParallelStrategy yet: its ranks hold DTensor shards of the "
+            "parameters, and pruning on FSDP2 shards is not implemented. Prune with DDP or on one device."
+        )
     for cls, why in _SHARDED:
         if isinstance(strategy, cls):
             raise ValueError(
-                f"{owner} does not support strategy {type(strategy).__name__}: it {why}, so a rank cannot see "
-                f"the full gradient its window needs. Supported: {SUPPORTED}."
+                f"{owner} does not support strategy {type(strategy).__name__}: it {why}. Use FSDP2 instead "
+                "(ModelParallelStrategy, fully_shard in configure_model), whose DTensor shards the window "
+                f"follows. Supported: {SUPPORTED}."
             )
 
 
 def check_full_gradients(module: torch.nn.Module, named: Sequence[tuple[str, torch.Tensor]], owner: str) -> None:
-    """Refuse, naming the parameter, what a dense window cannot hold: DTensor shards (a strategy
-    that shards parameters), parameters without data (meta device) and parameters of modules that
-    produce sparse gradients (``nn.Embedding(sparse=True)``)."""
+    """Refuse, naming the parameter, what a dense window cannot hold: parameters without data
+    (meta device) and parameters of modules that produce sparse gradients
+    (``nn.Embedding(sparse=True)``). FSDP2's DTensor shards are checked where the window is laid
+    out over them (``lightning_mfac.optim.fsdp``)."""
     sparse = {
         id(m.weight): type(m).__name__
         for m in module.modules()
         if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse
     }
     for name, p in named:
-        if _is_dtensor(p):
-            raise ValueError(
-                f"{owner}: parameter {name!r} is a DTensor (a shard of a parameter sharded by the strategy): "
-                f"the window needs full gradients on every rank. Supported: {SUPPORTED}."
-            )
         if p.is_meta:
             raise ValueError(
                 f"{owner}: parameter {name!r} (shape {tuple(p.shape)}) is on the meta device and has no data: "
@@ -55,10 +60,3 @@ def check_full_gradients(module: torch.nn.Module, named: Sequence[tuple[str, tor
                 "sparse; the M-FAC window holds dense gradients. Use sparse=False or leave it out via params."
             )
 
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - builds without torch.distributed
-        return False
-    return isinstance(t, DTensor)

@@ -157,7 +157,7 @@ class OBSPruning(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer.strategy, "OBSPruning")
+        check_strategy(trainer.strategy, "OBSPruning", fsdp2=False)
         # A checkpoint, if any, is restored after setup: a reused callback starts afresh here.
         self._start_fit()
         # Fail at setup, not at the first pruning epoch, on a wrong selection or pattern.

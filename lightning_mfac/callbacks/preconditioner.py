@@ -13,7 +13,9 @@ from lightning_mfac import _validation as check
 from lightning_mfac.callbacks._guards import check_full_gradients, check_strategy
 from lightning_mfac.callbacks.window_shards import use_window_shard_checkpoint_io
 from lightning_mfac.fisher.config import DynamicConfig, WindowConfig
+from lightning_mfac.fisher.storage import rank_local, rank_local_value
 from lightning_mfac.optim.flat import FlatPreconditioner, check_masks
+from lightning_mfac.optim.fsdp import local
 from lightning_mfac.optim.grafting import GRAFTS, make_grafting
 from lightning_mfac.optim.masking import Masks
 from lightning_mfac.selection import match_names, name_patterns
@@ -171,7 +173,7 @@ class MFACPreconditioner(Callback):
         # As torch.optim leaves a parameter without gradient alone, so does the preconditioner.
         with torch.no_grad():
             torch._foreach_copy_(
-                [p.grad for p, has in zip(pre.params, has_grad, strict=True) if has],
+                [local(p.grad) for p, has in zip(pre.params, has_grad, strict=True) if has],
                 [v for v, has in zip(pre.direction_views, has_grad, strict=True) if has],
             )
         if self.log_stats:
@@ -268,6 +270,8 @@ class MFACPreconditioner(Callback):
         self._names[idx] = names
         if self.graft is not None:
             self._grafts[idx] = make_grafting(self.graft)
+            if self._pre[idx].layout is not None:  # FSDP2: per-tensor norms of this rank's shards
+                self._grafts[idx].sharded_norms, self._grafts[idx].norm_group = True, self._pre[idx].layout.group
         self._signatures[idx] = _signature(optimizer)
         self._model_shapes = {n: tuple(p.shape) for n, p in pl_module.named_parameters()}
         if idx in self._pending:
@@ -300,7 +304,9 @@ class MFACPreconditioner(Callback):
             **pre.state_dict(include_window=self.save_window),  # with the parameter names
         }
         if idx in self._grafts:
-            state["graft"] = self._grafts[idx].state_dict()
+            graft = self._grafts[idx].state_dict()
+            # FSDP2: the moments are of this rank's shards, so they go into this rank's file.
+            state["graft"] = rank_local(graft) if pre.layout is not None else graft
         return state
 
     def _restore(self, idx: int) -> None:
@@ -319,7 +325,7 @@ class MFACPreconditioner(Callback):
             )
         saved_names = [n for n, _ in saved]
         if saved_names == names and idx in self._grafts and state.get("graft") is not None:
-            self._grafts[idx].load_state_dict(state["graft"])  # per-parameter: kept unless they changed
+            self._grafts[idx].load_state_dict(rank_local_value(state["graft"]))  # per-parameter: kept unless they changed
         message = pre.restore(state)
         if message is not None:
             rank_zero_warn(message)

@@ -38,7 +38,7 @@ from lightning_mfac.fisher._numerics import check_finite as check_input_finite
 from lightning_mfac.fisher._numerics import compute_dtype, eig_inverse, warn_once
 from lightning_mfac.fisher.capture import CapturedStep, CudaGraphRunner
 from lightning_mfac.fisher.config import DAMP_MODES, DynamicConfig, WindowConfig, reject_legacy_arguments
-from lightning_mfac.fisher.storage import WindowStorage, make_window
+from lightning_mfac.fisher.storage import ShardLayout, WindowStorage, make_window
 
 __all__ = ["DAMP_MODES", "DynamicFisherInverse", "bordered_update"]
 #: Largest entry of the residual ``C'x − eⱼ`` of the (refined) updated column for which the
@@ -70,6 +70,11 @@ class DynamicFisherInverse:
         config: all of ``ngrads``, ``damp``, ``damp_mode`` and ``window`` as one
             :class:`~lightning_mfac.fisher.config.DynamicConfig` (or a mapping of its fields), in
             place of those four arguments.
+        layout: for parameters sharded by FSDP2: which coordinates of the whole ``parameters_to_vector``
+            each rank holds (:class:`~lightning_mfac.fisher.storage.ShardLayout`); ``dim`` is then
+            this rank's share, every vector in and out is this rank's local vector, and the window
+            is a :class:`~lightning_mfac.fisher.storage.LocalShardWindow` (one all-reduce of the
+            dots and of the Gram per step).
     """
 
     def __init__(
@@ -82,6 +87,7 @@ class DynamicFisherInverse:
         window: WindowConfig | dict[str, Any] | None = None,
         damp_mode: str | None = None,
         config: DynamicConfig | dict[str, Any] | None = None,
+        layout: ShardLayout | None = None,
         **legacy: Any,
     ) -> None:
         reject_legacy_arguments("DynamicFisherInverse", legacy)
@@ -99,7 +105,7 @@ class DynamicFisherInverse:
         self.dtype = self.config.window.dtype
         self.refactor_every = self.config.window.refactor_every or self.ngrads
         self.device = torch.device("cpu" if device is None else device)
-        self.window: WindowStorage = make_window(self.config.window, self.ngrads, self.dim, self.device)
+        self.window: WindowStorage = make_window(self.config.window, self.ngrads, self.dim, self.device, layout)
         self.storage = type(self.window).__name__
         self.cdtype = compute_dtype(self.dtype)
         m, dev, f64 = self.ngrads, self.device, torch.float64
@@ -237,7 +243,7 @@ class DynamicFisherInverse:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "dim": self.dim,
+            "dim": self.window.dim,  # the whole vector's (this rank's share: the window's state says)
             "ngrads": self.ngrads,
             "damp": self.damp,
             "damp_mode": self.damp_mode,
@@ -257,10 +263,10 @@ class DynamicFisherInverse:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("dim", "ngrads"):
-            if state[key] != getattr(self, key):
+        for key, have in (("dim", self.window.dim), ("ngrads", self.ngrads)):
+            if state[key] != have:
                 raise ValueError(
-                    f"state_dict[{key!r}]={state[key]} does not match this inverse ({key}={getattr(self, key)}): "
+                    f"state_dict[{key!r}]={state[key]} does not match this inverse ({key}={have}): "
                     "the window must be restored into an inverse of the same shape."
                 )
         self.config = self.config.replace(damp=float(state["damp"]), damp_mode=state.get("damp_mode", "absolute"))

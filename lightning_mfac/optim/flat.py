@@ -27,6 +27,7 @@ import torch
 
 from lightning_mfac.fisher import DynamicFisherInverse
 from lightning_mfac.fisher.config import DynamicConfig, WindowConfig
+from lightning_mfac.optim.fsdp import local, shard_layout
 from lightning_mfac.optim.masking import Masks
 
 
@@ -169,7 +170,11 @@ class FlatPreconditioner:
         self.params = params
         self.names = list(names) if names is not None else None
         self.shapes = [tuple(p.shape) for p in params]
-        self.sizes = [p.numel() for p in params]
+        #: FSDP2: which coordinates each rank holds (``None`` for ordinary parameters). The flat
+        #: vectors are then this rank's shards, concatenated in parameter order.
+        self.layout = shard_layout(params, owner, names)
+        self.local_shapes = [tuple(local(p).shape) for p in params]
+        self.sizes = [local(p).numel() for p in params]
         self.dim = sum(self.sizes)
         self.device = params[0].device
         config = DynamicConfig.coerce(config)
@@ -178,7 +183,7 @@ class FlatPreconditioner:
         window = self.window
         if window.dtype is None:  # the parameters' precision decides (float64 stays float64)
             config = config.replace(window=window.replace(dtype=window.resolved_dtype(params[0].dtype)))
-        self.fisher = DynamicFisherInverse(self.dim, device=self.device, config=config)
+        self.fisher = DynamicFisherInverse(self.dim, device=self.device, config=config, layout=self.layout)
         # The gradient enters the window at the window's compute precision. The direction comes
         # back in the parameters' dtype when they share float32 or float64 (so the foreach updates
         # take the fast path); otherwise -- mixed dtypes, or bfloat16/float16 parameters, whose
@@ -241,7 +246,7 @@ class FlatPreconditioner:
         if len(dst) < len(self.params):
             torch._foreach_zero_([v for v, h in zip(self.gradient_views, has, strict=True) if not h])
         if dst:
-            torch._foreach_copy_(dst, [p.grad for p, h in zip(self.params, has, strict=True) if h])
+            torch._foreach_copy_(dst, [local(p.grad) for p, h in zip(self.params, has, strict=True) if h])
         # One foreach per run of equal decay values (one per parameter group in practice).
         start = 0
         for end in range(1, len(self.params) + 1):
@@ -251,7 +256,7 @@ class FlatPreconditioner:
                     idx = [i for i in range(start, end) if has[i]]
                     if idx:
                         torch._foreach_add_(
-                            [self.gradient_views[i] for i in idx], [self.params[i] for i in idx], alpha=wd
+                            [self.gradient_views[i] for i in idx], [local(self.params[i]) for i in idx], alpha=wd
                         )
                 start = end
         return self._grad
@@ -276,7 +281,11 @@ class FlatPreconditioner:
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """``flat`` split into tensors shaped like the parameters (one view per parameter: for hot
         paths prefer :attr:`direction_views`)."""
-        return [t.view(s) for t, s in zip(flat.split(self.sizes), self.shapes, strict=True)]
+        return [t.view(s) for t, s in zip(flat.split(self.sizes), self.local_shapes, strict=True)]
+
+    def local_params(self) -> list[torch.Tensor]:
+        """The tensors a step updates in place: the parameters, or their FSDP2 shards (views)."""
+        return [local(p) for p in self.params]
 
     # ------------------------------------------------------------------ pruning
     def keep_vector(self, keeps: Sequence[torch.Tensor | None]) -> torch.Tensor:
@@ -296,6 +305,11 @@ class FlatPreconditioner:
         :class:`~lightning_mfac.optim.masking.MaskableWindow` protocol: keyed by name or tensor, see
         :func:`check_masks`); parameters not in ``masks`` keep all their coordinates."""
         keeps = check_masks(self.params, masks, self.owner, self.names)
+        if any(k is not None for k in keeps) and self.layout is not None:
+            raise NotImplementedError(
+                f"{self.owner}: masks on parameters sharded by FSDP2 are not supported yet (pruning runs "
+                "with DDP or in one process)."
+            )
         if any(k is not None for k in keeps):
             self.fisher.mask_coordinates(self.keep_vector(keeps))
 
@@ -313,7 +327,7 @@ class FlatPreconditioner:
     @property
     def sharded(self) -> bool:
         """Whether the window is spread over the ranks of a process group (its state is too)."""
-        return self.fisher.storage == "ShardedWindow"
+        return self.fisher.storage in ("ShardedWindow", "LocalShardWindow")
 
     def fill(self) -> torch.Tensor:
         """The fraction of the window that holds gradients (a device tensor: no host read)."""

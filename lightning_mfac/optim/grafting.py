@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from lightning_mfac import _validation as check
 
@@ -32,6 +33,10 @@ class Grafting:
     """Per-tensor norm grafting. Subclasses say which norm the M-FAC direction takes."""
 
     name = "none"
+    #: Set for parameters sharded by FSDP2 (the optimizer does it): the norms are then of this
+    #: rank's shards, and their squares are summed over this process group.
+    norm_group: Any = None
+    sharded_norms = False
 
     def target_norms(
         self,
@@ -67,6 +72,10 @@ class Grafting:
             return
         target = torch.stack(self.target_norms(grads, finite, has_grad))
         current = torch.stack(torch._foreach_norm(directions))
+        if self.sharded_norms:  # every rank holds a shard of every tensor: one all-reduce of both norms
+            both = torch.stack([target.to(current.dtype), current]).square()
+            dist.all_reduce(both, group=self.norm_group)
+            target, current = both.sqrt().unbind()
         # One vector of scales for all tensors. where(), not clamp_min(): a tiny but non-zero
         # direction must still get the full target norm.
         ok = current > 0 if finite is None else (current > 0) & finite

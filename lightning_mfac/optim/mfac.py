@@ -13,6 +13,7 @@ from lightning_mfac import _validation as check
 from lightning_mfac.fisher._numerics import warn_once
 from lightning_mfac.fisher.config import DynamicConfig, WindowConfig
 from lightning_mfac.optim.flat import FlatPreconditioner, check_masks, check_parameters
+from lightning_mfac.optim.fsdp import local
 from lightning_mfac.optim.grafting import make_grafting
 from lightning_mfac.optim.masking import Masks
 
@@ -236,6 +237,8 @@ class MFAC(Optimizer):
         if self._pre is None:
             config = self._window_config(settings if settings is not None else self.param_groups[0])
             self._pre = FlatPreconditioner(params, config, owner="MFAC", names=self._names())
+            if self._pre.layout is not None and self.graft is not None:  # FSDP2: norms of shards
+                self.graft.sharded_norms, self.graft.norm_group = True, self._pre.layout.group
         else:
             self._pre.verify(params)
         return self._pre
@@ -277,6 +280,7 @@ class MFAC(Optimizer):
         skipped = self.skipped_steps_tensor
         skipped.add_(finite.logical_not())
         views = pre.direction_views
+        targets = pre.local_params()
 
         # Momentum first (it reads the direction), then one update per group. On a skipped step
         # the direction is zero, the momentum keeps its value (factor 1) and the update that reads
@@ -286,16 +290,16 @@ class MFAC(Optimizer):
             n = len(group["params"])
             idx = [i for i in range(start, start + n) if has[i]]
             start += n
-            params = [pre.params[i] for i in idx]
+            params = [targets[i] for i in idx]
             steps = [views[i] for i in idx]
             mu = group["momentum"]
             if params and mu > 0:
                 bufs = []
-                for p in params:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    bufs.append(state["momentum_buffer"])
+                for i in idx:
+                    state = self.state[pre.params[i]]
+                    if "momentum_buffer" not in state:  # a DTensor for a DTensor parameter, as torch.optim's
+                        state["momentum_buffer"] = torch.zeros_like(pre.params[i], memory_format=torch.preserve_format)
+                    bufs.append(local(state["momentum_buffer"]))
                 keep = torch.where(
                     finite, torch.scalar_tensor(mu, dtype=bufs[0].dtype, device=finite.device), 1.0
                 )

@@ -12,6 +12,9 @@ One module per storage kind, behind the contract of :mod:`~lightning_mfac.fisher
                   1/world slice of the coordinates; dot products and Grams are all-reduced,
                   combinations all-gathered; its state is this rank's columns, and
                   :mod:`.shard_files` writes a checkpoint's files of all ranks beside it.
+``LocalShardWindow`` (:mod:`.sharded`) over FSDP2 shards: each rank stores the columns of its own
+                  parameter shards (a :class:`ShardLayout`); vectors stay local, dots and Grams
+                  are all-reduced; the same checkpoint files.
 
 :mod:`.planner` holds the one rule for ``storage="auto"`` (:func:`plan_storage`) and
 :func:`make_window`.
@@ -42,11 +45,13 @@ from lightning_mfac.fisher.storage.shard_files import (
     WINDOW_FILE_NAME,
     locate_window_shards,
     prune_window_folder,
+    rank_local,
+    rank_local_value,
     window_files,
     window_shard_folder,
     write_window_shards,
 )
-from lightning_mfac.fisher.storage.sharded import ShardedWindow
+from lightning_mfac.fisher.storage.sharded import LocalShardWindow, ShardedWindow, ShardLayout
 
 __all__ = [
     "AUTO_DEVICE_FRACTION",
@@ -60,6 +65,8 @@ __all__ = [
     "WINDOW_FILE_NAME",
     "DeviceWindow",
     "PagedWindow",
+    "LocalShardWindow",
+    "ShardLayout",
     "ShardedWindow",
     "WindowMemoryError",
     "WindowStorage",
@@ -74,5 +81,7 @@ __all__ = [
     "prune_window_folder",
     "window_files",
     "window_shard_folder",
+    "rank_local",
+    "rank_local_value",
     "write_window_shards",
 ]

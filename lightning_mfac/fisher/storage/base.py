@@ -38,6 +38,9 @@ SHARDED_CHECKPOINT_FORMAT = "mfac-window-sharded/1"
 SHARD_FILE_FORMAT = "mfac-window-shard/1"
 #: One rank's columns of a sharded window, as its ``state_dict()`` returns them (no files).
 LOCAL_SHARD_FORMAT = "mfac-window-local-shard/1"
+#: State that only one rank has (e.g. Adam moments of its FSDP2 shards), and its manifest of files.
+RANK_LOCAL_FORMAT = "mfac-rank-local/1"
+RANK_LOCAL_CHECKPOINT_FORMAT = "mfac-rank-local-files/1"
 
 
 def itemsize(dtype: torch.dtype) -> int:
@@ -132,8 +135,13 @@ class WindowStorage(ABC):
         return self.rows * self.dim * itemsize(self.dtype)
 
     def local_bounds(self) -> tuple[int, int]:
-        """The coordinates this process stores."""
+        """The coordinates this process stores (the span of :meth:`local_segments`)."""
         return 0, self.dim
+
+    def local_segments(self) -> list[tuple[int, int]]:
+        """The ranges ``[lo, hi)`` of the ``dim`` coordinates this process stores, in order: one
+        range, except for a window over FSDP2 shards (one per parameter shard)."""
+        return [self.local_bounds()]
 
     def _block_cols(self) -> int:
         return max(1, CHECKPOINT_BLOCK_BYTES // max(1, self.rows * itemsize(self.dtype)))
@@ -141,10 +149,10 @@ class WindowStorage(ABC):
     def state_dict(self) -> dict[str, Any]:
         """The window as CPU column blocks (docs/design.md, "Checkpoint layout"): no block is wider
         than ``CHECKPOINT_BLOCK_BYTES``, so at most one block is in flight on the device."""
-        lo, hi = self.local_bounds()
         width = self._block_cols()
         blocks = [
             (c0, min(hi, c0 + width), self.read_columns(c0, min(hi, c0 + width)))
+            for lo, hi in self.local_segments()
             for c0 in range(lo, hi, width)
         ]
         return {
@@ -159,6 +167,7 @@ class WindowStorage(ABC):
         """Restore from :meth:`state_dict` (any storage, page geometry or shard split) or from a
         dense ``(m, d)`` tensor (older checkpoints). Blocks outside this process's columns are skipped.
         A sharded checkpoint's files are looked up in ``shard_dir`` first, then where they were written."""
+        segments = self.local_segments()
         lo, hi = self.local_bounds()
         if isinstance(state, torch.Tensor):
             blocks = [(0, self.dim, state)]
@@ -173,11 +182,12 @@ class WindowStorage(ABC):
             if state["format"] == SHARDED_CHECKPOINT_FORMAT:
                 blocks = _shard_file_blocks(state, lo, hi, shard_dir)
             else:
-                if state["format"] == LOCAL_SHARD_FORMAT and not (state["lo"] <= lo and hi <= state["hi"]):
+                if state["format"] == LOCAL_SHARD_FORMAT and not _covers(state["segments"], segments):
                     raise ValueError(
-                        f"this window state holds only columns [{state['lo']}, {state['hi']}) of a window sharded "
-                        f"over {state['world']} ranks (rank {state['rank']}'s state_dict), but columns [{lo}, {hi}) "
-                        "are needed here: checkpoint sharded windows with write_window_shards(state, path) on every "
+                        f"this window state holds only columns {_ranges(state['segments'])} of a window sharded "
+                        f"over {state['world']} ranks (rank {state['rank']}'s state_dict), but columns "
+                        f"{_ranges(segments)} are needed here: "
+                        "checkpoint sharded windows with write_window_shards(state, path) on every "
                         "rank (Lightning: MFACPreconditioner, mfac-train or "
                         "lightning_mfac.callbacks.use_window_shard_checkpoint_io(trainer) do it), or load each "
                         "rank's own state_dict on that rank."
@@ -185,14 +195,26 @@ class WindowStorage(ABC):
                 blocks = state["blocks"]
         self.zero_()
         for c0, c1, block in blocks:
-            a, b = max(lo, c0), min(hi, c1)
-            if a < b:
-                self.write_columns(a, b, block[:, a - c0 : b - c0])
+            for lo, hi in segments:
+                a, b = max(lo, c0), min(hi, c1)
+                if a < b:
+                    self.write_columns(a, b, block[:, a - c0 : b - c0])
 
     def to_dense(self) -> torch.Tensor:
         """The full ``(m, d)`` window on the CPU, for tests and small windows (collective when sharded)."""
         return self.read_columns(0, self.dim)
 
+
+
+def _covers(held, needed) -> bool:
+    """Whether the ranges ``held`` contain every range of ``needed`` (both sorted, disjoint)."""
+    held = [(int(a), int(b)) for a, b in held if b > a]
+    return all(any(a <= lo and hi <= b for a, b in held) for lo, hi in needed if hi > lo)
+
+
+def _ranges(segments) -> str:
+    shown = ", ".join(f"[{a}, {b})" for a, b in list(segments)[:3])
+    return shown + (f" and {len(segments) - 3} more" if len(segments) > 3 else "")
 
 
 def _shard_file_blocks(state: dict[str, Any], lo: int, hi: int, shard_dir: str | None):

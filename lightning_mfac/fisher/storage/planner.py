@@ -13,7 +13,7 @@ from lightning_mfac.fisher.config import WindowConfig
 from lightning_mfac.fisher.storage.base import WindowStorage, itemsize
 from lightning_mfac.fisher.storage.device import DeviceWindow
 from lightning_mfac.fisher.storage.paged import PagedWindow
-from lightning_mfac.fisher.storage.sharded import ShardedWindow
+from lightning_mfac.fisher.storage.sharded import LocalShardWindow, ShardedWindow, ShardLayout
 
 #: Fraction of free device memory that ``storage="auto"`` lets a new window take before paging.
 AUTO_DEVICE_FRACTION = 0.5
@@ -107,13 +107,27 @@ def plan_storage(
 
 
 def make_window(
-    config: WindowConfig | Mapping[str, Any] | None, rows: int, dim: int, device: torch.device | str
+    config: WindowConfig | Mapping[str, Any] | None,
+    rows: int,
+    dim: int,
+    device: torch.device | str,
+    layout: ShardLayout | None = None,
 ) -> WindowStorage:
     """An empty ``rows × dim`` window of the ``config``'s dtype (float32 where it names none),
-    storage (see :func:`plan_storage`), page geometry, kernels, process group and shard folder."""
+    storage (see :func:`plan_storage`), page geometry, kernels, process group and shard folder.
+
+    With a ``layout`` (FSDP2 shards), ``dim`` is this rank's number of coordinates and the window
+    is a :class:`LocalShardWindow` of the layout (storage ``"auto"`` or ``"sharded"``)."""
     cfg = WindowConfig.coerce(config)
     device = torch.device(device)
     dtype = cfg.resolved_dtype(torch.float32)
+    if layout is not None:
+        if cfg.storage not in ("auto", "sharded"):
+            raise ValueError(f"storage={cfg.storage!r} for parameters sharded by FSDP2: expected 'auto' or "
+                             "'sharded' (each rank keeps the window columns of its own shards).")
+        local = cfg.replace(storage=plan_storage("auto", rows, dim, dtype, device, shardable=False),
+                            process_group=None)
+        return LocalShardWindow(make_window(local, rows, dim, device), layout)
     storage = plan_storage(cfg.storage, rows, dim, dtype, device, process_group=cfg.process_group)
     if storage == "sharded":
         if not (dist.is_available() and dist.is_initialized()):

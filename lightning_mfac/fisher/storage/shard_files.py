@@ -31,6 +31,8 @@ import torch.distributed as dist
 from lightning_mfac._files import DiskFullError, atomic_save, is_temporary, plain_file_name
 from lightning_mfac.fisher.storage.base import (
     LOCAL_SHARD_FORMAT,
+    RANK_LOCAL_CHECKPOINT_FORMAT,
+    RANK_LOCAL_FORMAT,
     SHARD_FILE_FORMAT,
     SHARDED_CHECKPOINT_FORMAT,
 )
@@ -44,6 +46,8 @@ __all__ = [
     "SHARD_FOLDER_SUFFIX",
     "WINDOW_FILE_NAME",
     "locate_window_shards",
+    "rank_local",
+    "rank_local_value",
     "prune_window_folder",
     "window_files",
     "window_shard_folder",
@@ -56,10 +60,12 @@ def window_shard_folder(path: str | os.PathLike) -> str:
     return os.path.abspath(os.fspath(path)) + SHARD_FOLDER_SUFFIX
 
 
-def _walk(state: Any, fmt: str) -> Iterator[dict[str, Any]]:
-    """The dictionaries of format ``fmt`` anywhere in ``state``, in a fixed (insertion) order."""
+def _walk(state: Any, fmt: str | tuple[str, ...]) -> Iterator[dict[str, Any]]:
+    """The dictionaries of format ``fmt`` (one or several) anywhere in ``state``, in a fixed
+    (insertion) order."""
+    fmts = (fmt,) if isinstance(fmt, str) else fmt
     if isinstance(state, dict):
-        if state.get("format") == fmt:
+        if state.get("format") in fmts:
             yield state
             return
         for value in state.values():
@@ -92,17 +98,51 @@ def _file_name(tag: str, index: int, rank: int, world: int) -> str:
     return f"window-{tag}-{index:03d}-rank{rank:05d}-of-{world:05d}.pt"
 
 
+_MANIFESTS = (SHARDED_CHECKPOINT_FORMAT, RANK_LOCAL_CHECKPOINT_FORMAT)
+
+
+def rank_local(value: Any) -> dict[str, Any]:
+    """Mark ``value`` (tensors and plain data) as this rank's own: :func:`write_window_shards` writes
+    it into this rank's file, and :func:`rank_local_value` gives each rank its own back."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return {"format": RANK_LOCAL_FORMAT, "rank": rank, "world": world, "value": value}
+
+
+def rank_local_value(state: Any) -> Any:
+    """The value :func:`rank_local` marked, for this rank: from the state itself (not yet written)
+    or from this rank's file of a checkpoint's manifest; anything else is returned as it is.
+    Refused (a ``ValueError`` saying why) when the world size or the rank differ from the save's."""
+    if not isinstance(state, dict) or state.get("format") not in (RANK_LOCAL_FORMAT, RANK_LOCAL_CHECKPOINT_FORMAT):
+        return state
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if state["world"] != world:
+        raise ValueError(f"this state was saved per rank by {state['world']} ranks; {world} are running now: "
+                         "it resumes only in the world size it was saved in.")
+    if state["format"] == RANK_LOCAL_FORMAT:
+        if state["rank"] != rank:
+            raise ValueError(f"this state is rank {state['rank']}'s; this is rank {rank}: write the checkpoint with "
+                             "write_window_shards on every rank.")
+        return state["value"]
+    _, _, name = state["files"][rank]
+    path = os.path.join(state["directory"], plain_file_name(name, "per-rank state manifest"))
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved.get("format") != RANK_LOCAL_FORMAT or saved["rank"] != rank:
+        raise ValueError(f"{path} is not rank {rank}'s state of this checkpoint.")
+    return saved["value"]
+
+
 def write_window_shards(state: Any, path: str | os.PathLike) -> Any:
     """Write every rank's sharded-window columns found in ``state`` beside the checkpoint ``path``
     and return ``state`` with each of them replaced by the manifest of all ranks' files.
 
     Collective over the default process group: every rank calls it with its own ``state`` (built by
     the same code, so the local shards come in the same order) and rank 0's ``path`` names the
-    folder. Each rank writes only its own columns; one broadcast names the save (a new save never
+    folder. Each rank writes only its own columns (and the values marked :func:`rank_local`, such as
+    Adam moments of its FSDP2 shards, each replaced by a manifest of every rank's file); one broadcast names the save (a new save never
     overwrites the files an older checkpoint refers to) and one all-reduce tells every rank whether
     all files were written, so a full disk on one rank fails the save on all of them. A ``state``
     without local shards is returned as it is, with no collective."""
-    local = list(_walk(state, LOCAL_SHARD_FORMAT))
+    local = list(_walk(state, (LOCAL_SHARD_FORMAT, RANK_LOCAL_FORMAT)))
     if not local:
         return state
     if not (dist.is_available() and dist.is_initialized()):
@@ -118,7 +158,8 @@ def write_window_shards(state: Any, path: str | os.PathLike) -> Any:
         for index, shard in enumerate(local):
             # A crash or a full disk mid-write leaves no truncated file under the name a checkpoint
             # refers to (lightning_mfac._files).
-            atomic_save({**shard, "format": SHARD_FILE_FORMAT}, os.path.join(folder, _file_name(tag, index, rank, world)))
+            content = shard if shard["format"] == RANK_LOCAL_FORMAT else {**shard, "format": SHARD_FILE_FORMAT}
+            atomic_save(content, os.path.join(folder, _file_name(tag, index, rank, world)))
     except OSError as err:
         failure = err
     # In place of a barrier: every rank learns whether all files were written (and that all ranks
@@ -138,12 +179,24 @@ def write_window_shards(state: Any, path: str | os.PathLike) -> Any:
                            f"(between {-int(flags[2])} and {int(flags[1])}); every rank must save the same state.")
     manifests = {
         id(shard): {
+            "format": RANK_LOCAL_CHECKPOINT_FORMAT,
+            "world": world,
+            "directory": folder,
+            "files": [(r, r + 1, _file_name(tag, index, r, world)) for r in range(world)],
+        }
+        if shard["format"] == RANK_LOCAL_FORMAT
+        else {
             "format": SHARDED_CHECKPOINT_FORMAT,
             "rows": shard["rows"],
             "dim": shard["dim"],
             "dtype": shard["dtype"],
             "directory": folder,
-            "files": [(lo, hi, _file_name(tag, index, member, world)) for member, (lo, hi) in shard["members"]],
+            "files": [
+                (lo, hi, _file_name(tag, index, member, world))
+                for member, segments in shard["members"]
+                for lo, hi in segments
+                if hi > lo
+            ],
         }
         for index, shard in enumerate(local)
     }
@@ -153,7 +206,7 @@ def write_window_shards(state: Any, path: str | os.PathLike) -> Any:
 def window_files(state: Any) -> Iterator[str]:
     """The absolute paths of the window files that the sharded-window manifests anywhere in a
     checkpoint dictionary (callback or optimizer state, any depth) refer to."""
-    for manifest in _walk(state, SHARDED_CHECKPOINT_FORMAT):
+    for manifest in _walk(state, _MANIFESTS):
         for _, _, name in manifest["files"]:
             yield os.path.join(manifest["directory"], plain_file_name(name, "sharded window manifest"))
 
@@ -164,7 +217,7 @@ def locate_window_shards(state: Any, path: str | os.PathLike) -> Any:
     there: a run folder that was moved or copied resumes. Manifests are updated in place; ``state``
     is returned."""
     candidates = [window_shard_folder(path), window_shard_folder(os.path.realpath(os.fspath(path)))]
-    for manifest in _walk(state, SHARDED_CHECKPOINT_FORMAT):
+    for manifest in _walk(state, _MANIFESTS):
         names = [plain_file_name(name, "sharded window manifest") for _, _, name in manifest["files"]]
         for folder in candidates:
             if all(os.path.isfile(os.path.join(folder, name)) for name in names):
