@@ -1,7 +1,9 @@
 """Run by test_fsdp2.py: MFACPreconditioner (graft "adam") on an MLP, once on one device and once
 under Lightning's ModelParallelStrategy with FSDP2 (``fully_shard`` in ``configure_model``) over 2
 CPU processes (gloo) -- straight through, or (``fsdp2-resume``) checkpointed after one epoch and
-resumed by a fresh Trainer. Saves the final parameters (gathered) for comparison."""
+resumed by a fresh Trainer. Saves the final parameters (gathered) for comparison.
+
+Usage: ``fsdp2_lightning_run.py single|fsdp2|fsdp2-resume none|sgd|adam OUT [MAX_STEPS]``."""
 
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ def _fit(sharded: bool, root: str, graft: str | None, ckpt_path: str | None = No
     return module, callback, trainer
 
 
-def main(mode: str, graft: str, out: str) -> None:
+def main(mode: str, graft: str, out: str, steps: int = 9) -> None:
     graft = None if graft == "none" else graft
     sharded = mode.startswith("fsdp2")
     root = os.path.dirname(out)
@@ -80,9 +82,9 @@ def main(mode: str, graft: str, out: str) -> None:
         first.save_checkpoint(ckpt)
         first.strategy.barrier()
         files = sorted(os.listdir(ckpt + ".mfac-window"))
-        module, callback, trainer = _fit(sharded, root, graft, ckpt_path=ckpt, max_steps=9)
+        module, callback, trainer = _fit(sharded, root, graft, ckpt_path=ckpt, max_steps=steps)
     else:
-        module, callback, trainer = _fit(sharded, root, graft, max_steps=9)
+        module, callback, trainer = _fit(sharded, root, graft, max_steps=steps)
     params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in module.parameters()]
     pre = callback._pre[0]
     if trainer.global_rank == 0:
@@ -94,4 +96,4 @@ def main(mode: str, graft: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3])
+    main(sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:]))

@@ -192,16 +192,16 @@ def test_fsdp2_checkpoint_resumes_in_one_process(fsdp2_run) -> None:
 LIGHTNING_SCRIPT = os.path.join(os.path.dirname(__file__), "fsdp2_lightning_run.py")
 
 
-def _lightning(tmp_path, mode: str, graft: str) -> dict:
+def _lightning(tmp_path, mode: str, graft: str, steps: int = 9) -> dict:
     import subprocess
 
     launcher = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
     env = {k: v for k, v in os.environ.items() if k not in launcher}
     env["PYTHONPATH"] = os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", "")
-    folder = tmp_path / f"{mode}-{graft}"
+    folder = tmp_path / f"{mode}-{graft}-{steps}"
     folder.mkdir()
     out = folder / "result.pt"
-    proc = subprocess.run([sys.executable, LIGHTNING_SCRIPT, mode, graft, str(out)], env=env,
+    proc = subprocess.run([sys.executable, LIGHTNING_SCRIPT, mode, graft, str(out), str(steps)], env=env,
                           capture_output=True, text=True, timeout=240)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return torch.load(out, weights_only=False)
@@ -219,10 +219,28 @@ def test_lightning_model_parallel_fsdp2_equals_one_device(tmp_path, graft) -> No
 
 
 @pytest.mark.slow
-def test_lightning_model_parallel_checkpoint_writes_per_rank_files(tmp_path) -> None:
-    """A checkpoint of the FSDP2 run: each rank's window columns and its Adam-graft moments in its
-    own files beside the checkpoint; a fresh Trainer resumes from it and trains on."""
-    resumed = _lightning(tmp_path, "fsdp2-resume", "adam")
+def test_lightning_model_parallel_checkpoint_resumes_the_window(tmp_path) -> None:
+    """A checkpoint of the FSDP2 run after one epoch (6 steps): each rank's window columns and its
+    Adam-graft moments in its own files beside the checkpoint; the first step of a fresh Trainer
+    resumed from it equals the uninterrupted run's step 7 (an empty window or fresh moments would not).
+
+    Later steps are not compared: under ModelParallelStrategy in this Lightning/torch, even plain
+    SGD without this callback departs from the uninterrupted run from the second step after a
+    resume (measured: 0.12 at step 8), which no window state can fix."""
+    resumed = _lightning(tmp_path, "fsdp2-resume", "adam", steps=7)
+    straight = _lightning(tmp_path, "fsdp2", "adam", steps=7)
     assert resumed["storage"] == "LocalShardWindow"
     files = resumed["files"]
     assert len(files) == 4 and sum(f.endswith("rank00001-of-00002.pt") for f in files) == 2
+    assert torch.equal(resumed["params"], straight["params"])
+
+
+def test_fsdp2_per_rank_graft_moments_refuse_another_world_size(fsdp2_run) -> None:
+    """Adam-graft moments of FSDP2 shards live in each rank's file: a one-process resume from
+    them is refused with what to do, not fed rank 0's shapes."""
+    _, ckpt = fsdp2_run
+    state = torch.load(f"{ckpt}.rank0", weights_only=False)
+    assert state["mfac"]["graft"]["format"] == "mfac-rank-local-files/1"
+    opt = _mfac(_model(), "adam")
+    with pytest.raises(ValueError, match="saved per rank by 2 ranks; 1 are running now: it resumes only in the world size"):
+        opt.load_state_dict(state)

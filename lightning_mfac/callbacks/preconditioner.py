@@ -52,10 +52,10 @@ class MFACPreconditioner(Callback):
       else by handing the optimizer a zero gradient (an exact skip for plain SGD). The count is
       logged as ``mfac/nonfinite_steps`` and a warning is given at the end of the epoch;
     * nothing in the step reads a device value on the host: statistics are logged as tensors;
-    * strategies: a single device or DDP (gradients are all-reduced before this hook;
-      ``window.storage="auto"`` shards the window over the ranks). Strategies whose ranks hold
-      only a shard of the gradients (FSDP, DeepSpeed, ``ModelParallelStrategy``) are refused at
-      ``setup``;
+    * strategies: a single device, DDP (gradients are all-reduced before this hook;
+      ``window.storage="auto"`` shards the window over the ranks) or FSDP2
+      (``ModelParallelStrategy`` with ``fully_shard`` in ``configure_model``: each rank keeps the
+      window columns of its own parameter shards). FSDP1 and DeepSpeed are refused at ``setup``;
     * each ``fit`` starts afresh: the windows belong to the parameters (by identity) of the run,
       unless the run resumes from a checkpoint, which restores them;
     * checkpoints: window, factorization and counters go through ``state_dict``;
@@ -306,7 +306,7 @@ class MFACPreconditioner(Callback):
         if idx in self._grafts:
             graft = self._grafts[idx].state_dict()
             # FSDP2: the moments are of this rank's shards, so they go into this rank's file.
-            state["graft"] = rank_local(graft) if pre.layout is not None else graft
+            state["graft"] = rank_local(graft) if pre.layout is not None and self._grafts[idx].per_coordinate_state else graft
         return state
 
     def _restore(self, idx: int) -> None:

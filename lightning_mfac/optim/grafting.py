@@ -37,6 +37,9 @@ class Grafting:
     #: rank's shards, and their squares are summed over this process group.
     norm_group: Any = None
     sharded_norms = False
+    #: Whether the state holds tensors shaped like the gradients (under FSDP2: this rank's shards,
+    #: checkpointed per rank).
+    per_coordinate_state = False
 
     def target_norms(
         self,
@@ -119,6 +122,7 @@ class AdamGrafting(Grafting):
     state and go into checkpoints."""
 
     name = "adam"
+    per_coordinate_state = True
 
     def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:

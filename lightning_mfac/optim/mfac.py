@@ -12,6 +12,7 @@ from torch.optim import Optimizer
 from lightning_mfac import _validation as check
 from lightning_mfac.fisher._numerics import warn_once
 from lightning_mfac.fisher.config import DynamicConfig, WindowConfig
+from lightning_mfac.fisher.storage import rank_local, rank_local_value
 from lightning_mfac.optim.flat import FlatPreconditioner, check_masks, check_parameters
 from lightning_mfac.optim.fsdp import local
 from lightning_mfac.optim.grafting import make_grafting
@@ -68,6 +69,13 @@ class MFAC(Optimizer):
     with :func:`lightning_mfac.fisher.storage.write_window_shards` (on every rank). In a Lightning
     ``Trainer``, ``lightning_mfac.callbacks.use_window_shard_checkpoint_io(trainer)`` does that for
     every checkpoint (``MFACPreconditioner`` and ``mfac-train`` call it themselves).
+
+    **FSDP2.** On modules sharded by ``torch.distributed.fsdp.fully_shard`` (parameters that are
+    ``DTensor`` row shards), each rank keeps the window columns of its own shards and updates only
+    them: the ``m + 1`` dots, the Gram update and the graft's per-tensor norms are all-reduced,
+    nothing of size ``d`` is. The steps equal one process's. Columns are numbered as in one process,
+    so a window written by ``write_window_shards`` resumes in another world size; the momentum
+    buffers (``DTensor``) and Adam-graft moments (this rank's file) resume in the same world size.
 
     **Copies.** ``copy.deepcopy`` and ``pickle`` carry the window, its factorization, the graft's
     state and the skip counter (a sharded window is refused: use ``state_dict``); deep-copy the
@@ -379,8 +387,15 @@ def _save_window(optimizer: MFAC, state_dict: dict[str, Any]) -> dict[str, Any]:
         "skipped_steps": optimizer.skipped_steps_tensor.detach().clone(),
     }
     if optimizer.graft is not None:
-        state_dict["mfac"]["graft"] = optimizer.graft.state_dict()
+        graft = optimizer.graft.state_dict()
+        # FSDP2: the moments are of this rank's shards; write_window_shards puts them in its file.
+        state_dict["mfac"]["graft"] = rank_local(graft) if _per_rank(pre, optimizer.graft) else graft
     return state_dict
+
+
+def _per_rank(pre: FlatPreconditioner | None, graft: Any) -> bool:
+    """Whether the graft's state is of this rank's FSDP2 shards (then it goes into this rank's file)."""
+    return pre is not None and pre.layout is not None and graft.per_coordinate_state
 
 
 def _load_window(optimizer: MFAC, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -411,7 +426,7 @@ def _load_window(optimizer: MFAC, state_dict: dict[str, Any]) -> dict[str, Any]:
     skipped = extra.get("skipped_steps", 0)
     optimizer._skipped = torch.as_tensor(skipped, dtype=torch.int64).to(device).clone()
     if optimizer.graft is not None and extra.get("graft") is not None:
-        optimizer.graft.load_state_dict(extra["graft"])
+        optimizer.graft.load_state_dict(rank_local_value(extra["graft"]))
     window = extra.get("window")
     settings = {key: saved[0][key] for key in _WINDOW_KEYS}
     pre = optimizer._pre
