@@ -23,7 +23,36 @@ import torch.distributed as dist
 from lightning_mfac.fisher.storage.base import LOCAL_SHARD_FORMAT, WindowStorage
 
 
-class ShardedWindow(WindowStorage):
+class _ReducedOverRanks:
+    """What both sharded windows do alike: this rank's part of the Gram and of the staged dots,
+    summed over the group by one all-reduce; the row operations stay local."""
+
+    local: WindowStorage
+    group: Any
+
+    def gram(self):
+        out = self.local.gram()
+        dist.all_reduce(out, group=self.group)
+        return out
+
+    def staged_dots(self, out):
+        part = torch.zeros_like(out)
+        self.local.staged_dots(part)
+        dist.all_reduce(part, group=self.group)
+        out.add_(part)
+
+    def commit(self, target):
+        self.local.commit(target)
+
+    def zero_(self):
+        self.local.zero_()
+
+    @property
+    def nbytes(self) -> int:
+        return self.local.nbytes
+
+
+class ShardedWindow(_ReducedOverRanks, WindowStorage):
     """Each rank stores coordinates ``[lo, hi)`` of a contiguous 1/world split of ``d`` in ``local``."""
 
     def __init__(self, local: WindowStorage, dim: int, lo: int, hi: int, group=None) -> None:
@@ -44,10 +73,6 @@ class ShardedWindow(WindowStorage):
         lo = min(dim, rank * shard)
         return lo, min(dim, lo + shard)
 
-    @property
-    def nbytes(self) -> int:
-        return self.local.nbytes
-
     def local_bounds(self):
         return self.lo, self.hi
 
@@ -66,25 +91,11 @@ class ShardedWindow(WindowStorage):
     def combine(self, coeffs, out_dtype=None):
         return self._gather(self.local.combine(coeffs, out_dtype))
 
-    def gram(self):
-        out = self.local.gram()
-        dist.all_reduce(out, group=self.group)
-        return out
-
     def stage(self, g):
         self.local.stage(g[self.lo : self.hi])
 
-    def staged_dots(self, out):
-        part = torch.zeros_like(out)
-        self.local.staged_dots(part)
-        dist.all_reduce(part, group=self.group)
-        out.add_(part)
-
     def staged_combine(self, coeffs, out_dtype=None):
         return self._gather(self.local.staged_combine(coeffs, out_dtype))
-
-    def commit(self, target):
-        self.local.commit(target)
 
     def column_tiles(self):
         raise NotImplementedError("a sharded window holds a slice of the columns: iterate its local storage")
@@ -111,9 +122,6 @@ class ShardedWindow(WindowStorage):
 
     def mask_columns(self, keep):
         self.local.mask_columns(keep[self.lo : self.hi])
-
-    def zero_(self):
-        self.local.zero_()
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's columns, in ``LOCAL_SHARD_FORMAT``: no file is written and no other rank is
@@ -191,7 +199,7 @@ class ShardLayout:
         return sum(hi - lo for lo, hi in self.members[rank])
 
 
-class LocalShardWindow(WindowStorage):
+class LocalShardWindow(_ReducedOverRanks, WindowStorage):
     """The window over a :class:`ShardLayout`: this rank stores the columns of its own ranges, in
     ``local`` (a window of ``layout.local_size(rank)`` columns). Vectors in and out are this rank's
     local vectors; ``dim`` is the whole vector's (the checkpoint's column numbering)."""
@@ -212,10 +220,6 @@ class LocalShardWindow(WindowStorage):
         self._starts = starts
         if at != local.dim:
             raise ValueError(f"LocalShardWindow: {at} local coordinates in the layout, {local.dim} in the storage.")
-
-    @property
-    def nbytes(self) -> int:
-        return self.local.nbytes
 
     def local_segments(self):
         return list(self._segments)
@@ -240,25 +244,11 @@ class LocalShardWindow(WindowStorage):
     def combine(self, coeffs, out_dtype=None):
         return self.local.combine(coeffs, out_dtype)
 
-    def gram(self):
-        out = self.local.gram()
-        dist.all_reduce(out, group=self.group)
-        return out
-
     def stage(self, g):
         self.local.stage(g)
 
-    def staged_dots(self, out):
-        part = torch.zeros_like(out)
-        self.local.staged_dots(part)
-        dist.all_reduce(part, group=self.group)
-        out.add_(part)
-
     def staged_combine(self, coeffs, out_dtype=None):
         return self.local.staged_combine(coeffs, out_dtype)
-
-    def commit(self, target):
-        self.local.commit(target)
 
     def column_tiles(self):
         raise NotImplementedError("a window over FSDP2 shards holds a slice of the columns: iterate its local storage")
@@ -280,9 +270,6 @@ class LocalShardWindow(WindowStorage):
 
     def mask_columns(self, keep):
         self.local.mask_columns(keep)  # ``keep`` is a local vector, as every vector here
-
-    def zero_(self):
-        self.local.zero_()
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's columns, as :meth:`ShardedWindow.state_dict` (numbered in the whole vector)."""
