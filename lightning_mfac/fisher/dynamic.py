@@ -125,7 +125,7 @@ class DynamicFisherInverse:
         self._scale = torch.full((m + 1,), 1.0 / m, dtype=f64, device=dev)
         self._scale[m] = 0.0
         self._drop = torch.tensor(m, device=dev)
-        self._zero_out = torch.zeros((), dtype=self.cdtype, device=dev)
+        self._zero_coeffs = torch.zeros((), dtype=f64, device=dev)
         self._onehot = torch.zeros(m + 1, dtype=f64, device=dev)
         self._column = torch.zeros(m + 1, dtype=f64, device=dev)
         self._column_row, self._column_col = self._column.view(1, m + 1), self._column.view(m + 1, 1)
@@ -329,7 +329,12 @@ class DynamicFisherInverse:
         return out.to(self._out_dtype(x))
 
     def update_mul(
-        self, g: torch.Tensor, *, skip_nonfinite: bool = False, return_finite: bool = False
+        self,
+        g: torch.Tensor,
+        *,
+        skip_nonfinite: bool = False,
+        return_finite: bool = False,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor | None | tuple[torch.Tensor, torch.Tensor]:
         """``update(g)``, then ``F⁻¹ĝ`` for ``ĝ``, ``g`` as stored in the window: two reads of the window.
 
@@ -346,12 +351,23 @@ class DynamicFisherInverse:
           AMP scaler or an optimizer's skip. The flag is also kept as ``self.finite``.
         * ``skip_nonfinite=True``: returns ``None`` instead of a direction when ``ok`` is False (one
           host read per step).
+
+        ``out``: a contiguous ``(d,)`` float32 or float64 tensor to write the direction into
+        (rounded once to its dtype) instead of a new one.
         """
         g = self._as_vector(g, "g", finite=not (skip_nonfinite or return_finite))
+        if out is not None and (out.shape != (self.dim,) or out.device != self.device
+                                or out.dtype not in (torch.float32, torch.float64) or not out.is_contiguous()):
+            raise ValueError(
+                f"out has shape {tuple(out.shape)}, dtype {out.dtype}, device {out.device}: expected a contiguous "
+                f"float32 or float64 tensor of shape ({self.dim},) on {self.device}."
+            )
         if self.captured and not self._guarded:
             direction, self.finite = self._captured_step(g)
+            if out is not None:
+                direction = out.copy_(direction)
         else:
-            direction = self._step(g, want_direction=True)
+            direction = self._step(g, want_direction=True, out=out)
         self._after_step()
         if return_finite:
             return direction, self.finite
@@ -368,7 +384,9 @@ class DynamicFisherInverse:
         self._rebuild_core()
 
     # ------------------------------------------------------------------ the step
-    def _step(self, g: torch.Tensor, want_direction: bool) -> torch.Tensor | None:
+    def _step(
+        self, g: torch.Tensor, want_direction: bool, out: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """One window update (and direction) with no host read; every state tensor is updated in
         place. Op by op this is what docs/design.md ("The dynamic step") derives."""
         m = self.ngrads
@@ -398,8 +416,14 @@ class DynamicFisherInverse:
         self.finite = accept
         if not want_direction:
             return None
-        direction = window.staged_combine(x, out_dtype=self.cdtype)
-        return torch.where(accept, direction, self._zero_out)
+        # x's staged entry is exactly 0 (the staged row's core row and column are), and the new
+        # gradient is in its slot now: the direction is a combine of the m window rows. The window
+        # only ever holds finite rows, so zeroing the m + 1 coefficients of a rejected step zeroes
+        # the direction exactly, without a pass over d.
+        coeffs = torch.where(accept, x, self._zero_coeffs)[:m]
+        if out is None:
+            return window.combine(coeffs, out_dtype=self.cdtype)
+        return window.combine(coeffs, out=out)
 
     def _insert_rejected(self, accept: torch.Tensor, finite: torch.Tensor, slot: torch.Tensor) -> bool:
         """Guarded mode (the first refactor period, and any period after one in which updates were

@@ -196,7 +196,6 @@ class FlatPreconditioner:
             dir_dtype = grad_dtype
         self._grad = torch.zeros(self.dim, dtype=grad_dtype, device=self.device)
         self._direction = torch.zeros(self.dim, dtype=dir_dtype, device=self.device)
-        self._zero = torch.zeros((), dtype=dir_dtype, device=self.device)
         self.gradient_views: list[torch.Tensor] = self.views(self._grad)
         """Views of the last :meth:`gradient` shaped like ``params`` (valid until the next call)."""
         self.direction_views: list[torch.Tensor] = self.views(self._direction)
@@ -271,11 +270,8 @@ class FlatPreconditioner:
         ``p -= lr·u``) skips the step without a host read.
         The direction lives in an internal buffer (see :attr:`direction_views`).
         """
-        u, finite = self.fisher.update_mul(g, return_finite=True)
-        if u.dtype == self._direction.dtype:
-            torch.where(finite, u, self._zero, out=self._direction)
-        else:  # where() takes no out= of another dtype; the engine's rejected direction is already 0
-            self._direction.copy_(u)
+        # The engine writes the direction (zero when rejected) into the buffer the views are of.
+        _, finite = self.fisher.update_mul(g, return_finite=True, out=self._direction)
         return self._direction, finite
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:

@@ -4,14 +4,16 @@ checkpoint layout.
 :class:`WindowStorage` is the whole contract (docs/design.md, "Storage layouts"): the three passes
 (``dots`` = ``G x``, ``combine`` = ``Gᵀ c``, ``gram`` = ``G Gᵀ``), always accumulated in float64 by the
 kernels of ``fisher.kernels``; the staged-row step that the dynamic algorithm needs (``stage``,
-``staged_dots``, ``staged_combine``, ``commit``); column access for the static algorithm
+``staged_dots``, ``commit``); column access for the static algorithm
 (``column_tiles``, ``columns``); masking, zeroing and a page-by-page checkpoint
 (``state_dict``/``load_state_dict`` of column blocks). No algorithm touches a storage's tensors.
 
 The staging row is a row ``m`` beside the ``m`` window rows: a new gradient is written there first,
-so one pass over ``m + 1`` rows yields both ``G g`` and ``‖g‖²``, one combine covers the new
-gradient with the window, and the row enters the window (or not) with an index copy decided on the
-device -- no host branch.
+so one pass over ``m + 1`` rows yields both ``G g`` and ``‖g‖²``, and the row enters the window (or
+not) with an index copy decided on the device -- no host branch. The direction is then one
+``combine`` over the ``m`` window rows, the new gradient already in its slot. Only finite
+gradients ever enter them, so a rejected step's zeroed coefficients give an exactly zero
+direction, with no pass over ``d`` of its own.
 
 The checkpoint layout is shared by every storage: any storage loads any checkpoint, a sharded
 one's per-rank files included (docs/design.md, "Checkpoint layout").
@@ -67,8 +69,12 @@ class WindowStorage(ABC):
         """``G x`` in float64: ``(m,)`` for ``x`` of shape ``(d,)``, ``(m, k)`` for ``(d, k)``."""
 
     @abstractmethod
-    def combine(self, coeffs: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``Gᵀ c`` accumulated in float64, rounded once to ``out_dtype``."""
+    def combine(
+        self, coeffs: torch.Tensor, out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``Gᵀ c`` accumulated in float64, rounded once to ``out_dtype`` (or to ``out``'s dtype,
+        written into ``out`` when given: the dynamic step's direction goes straight into the
+        caller's buffer)."""
 
     @abstractmethod
     def gram(self) -> torch.Tensor:
@@ -94,10 +100,6 @@ class WindowStorage(ABC):
     @abstractmethod
     def staged_dots(self, out: torch.Tensor) -> None:
         """``out += [G ĝ; ĝ·ĝ]`` (float64 ``(m + 1,)``)."""
-
-    @abstractmethod
-    def staged_combine(self, coeffs: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``Gᵀ c[:m] + ĝ c[m]`` with one float64 accumulation (``coeffs`` float64 ``(m + 1,)``)."""
 
     @abstractmethod
     def commit(self, target: torch.Tensor) -> None:

@@ -47,8 +47,8 @@ class DeviceWindow(WindowStorage):
     def dots(self, x):
         return self.kernels.dots(self._rows, x)
 
-    def combine(self, coeffs, out_dtype=None):
-        return self.kernels.combine(self._rows, coeffs, out_dtype=out_dtype)
+    def combine(self, coeffs, out_dtype=None, out=None):
+        return self.kernels.combine(self._rows, coeffs, out=out, out_dtype=out_dtype)
 
     def gram(self):
         return self.kernels.gram(self._rows)
@@ -62,9 +62,6 @@ class DeviceWindow(WindowStorage):
 
     def staged_dots(self, out):
         self.kernels.dots(self.data, self._staged, out=out)
-
-    def staged_combine(self, coeffs, out_dtype=None):
-        return self.kernels.combine(self.data, coeffs, out_dtype=out_dtype)
 
     def commit(self, target):
         self._commit_vec.copy_(self._staged)

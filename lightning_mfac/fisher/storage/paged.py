@@ -100,9 +100,10 @@ class PagedWindow(WindowStorage):
             self.kernels.dots(page, x[c0:c1], out=out)
         return out
 
-    def combine(self, coeffs, out_dtype=None):
-        dtype = out_dtype or default_out_dtype(self.dtype)
-        out = torch.empty((self.dim,) + tuple(coeffs.shape[1:]), dtype=dtype, device=self.device)
+    def combine(self, coeffs, out_dtype=None, out=None):
+        if out is None:
+            dtype = out_dtype or default_out_dtype(self.dtype)
+            out = torch.empty((self.dim,) + tuple(coeffs.shape[1:]), dtype=dtype, device=self.device)
         for c0, c1, page in self.column_tiles():
             self.kernels.combine(page, coeffs, out=out[c0:c1])
         return out
@@ -121,17 +122,6 @@ class PagedWindow(WindowStorage):
         for c0, c1, page in self.column_tiles():
             self.kernels.dots(page, self._staged[c0:c1], out=out[:m])
         self.kernels.dots(self._staged.unsqueeze(0), self._staged, out=out[m:])
-
-    def staged_combine(self, coeffs, out_dtype=None):
-        m = self.rows
-        dtype = out_dtype or default_out_dtype(self.dtype)
-        out = torch.empty(self.dim, dtype=dtype, device=self.device)
-        for c0, c1, page in self.column_tiles():
-            # The staged row joins the page's float64 sum before the one rounding to ``dtype``.
-            part = self.kernels.combine(page, coeffs[:m], out_dtype=torch.float64)
-            part.add_(self._staged[c0:c1].to(torch.float64) * coeffs[m])
-            out[c0:c1] = part
-        return out
 
     def commit(self, target):
         # The row goes to pinned host memory: the host needs the slot, so a paged step reads it

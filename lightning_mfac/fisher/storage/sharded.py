@@ -88,14 +88,12 @@ class ShardedWindow(_ReducedOverRanks, WindowStorage):
         dist.all_reduce(out, group=self.group)
         return out
 
-    def combine(self, coeffs, out_dtype=None):
-        return self._gather(self.local.combine(coeffs, out_dtype))
+    def combine(self, coeffs, out_dtype=None, out=None):
+        whole = self._gather(self.local.combine(coeffs, out_dtype if out is None else out.dtype))
+        return whole if out is None else out.copy_(whole)
 
     def stage(self, g):
         self.local.stage(g[self.lo : self.hi])
-
-    def staged_combine(self, coeffs, out_dtype=None):
-        return self._gather(self.local.staged_combine(coeffs, out_dtype))
 
     def column_tiles(self):
         raise NotImplementedError("a sharded window holds a slice of the columns: iterate its local storage")
@@ -241,14 +239,11 @@ class LocalShardWindow(_ReducedOverRanks, WindowStorage):
         dist.all_reduce(out, group=self.group)
         return out
 
-    def combine(self, coeffs, out_dtype=None):
-        return self.local.combine(coeffs, out_dtype)
+    def combine(self, coeffs, out_dtype=None, out=None):
+        return self.local.combine(coeffs, out_dtype, out)
 
     def stage(self, g):
         self.local.stage(g)
-
-    def staged_combine(self, coeffs, out_dtype=None):
-        return self.local.staged_combine(coeffs, out_dtype)
 
     def column_tiles(self):
         raise NotImplementedError("a window over FSDP2 shards holds a slice of the columns: iterate its local storage")
