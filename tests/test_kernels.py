@@ -93,6 +93,28 @@ def test_passes_match_float64(impl: str, dtype: torch.dtype, k: int | None, slic
     assert torch.equal(gram, gram.t())
 
 
+@needs_numba
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sliced", [False, True], ids=["contiguous", "slice"])
+def test_cpu_vector_passes_span_several_column_tiles(dtype: torch.dtype, sliced: bool) -> None:
+    """The numba vector passes at a width of two full column tiles and a remainder (their tiles are
+    wider than ``N``): every tile boundary sums exactly as float64."""
+    from lightning_mfac.fisher.kernels import cpu
+
+    n = 2 * max(cpu.DOTS_TILE, cpu.COMBINE_TILE) + 37
+    kern = resolve_kernels("cpu", "cpu")
+    rows = window(dtype, M, n, sliced)
+    g64 = rows.to(torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(n, generator=gen, dtype=torch.float64).to(torch.float32)
+    c = torch.randn(M, generator=gen, dtype=torch.float64)
+    assert relerr(kern.dots(rows, x), g64 @ x.to(torch.float64)) <= F64_TOL
+    assert relerr(kern.combine(rows, c, out_dtype=torch.float64), g64.t() @ c) <= F64_TOL
+    out = torch.empty(n)
+    assert kern.combine(rows, c, out=out) is out
+    assert relerr(out, g64.t() @ c) <= 6e-8  # rounded once to out's float32
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_out_accumulates_for_dots_and_gram_and_is_written_by_combine(impl: str) -> None:
     kern = resolve_kernels(impl, "cpu")
