@@ -139,6 +139,15 @@ def test_run_folder_label_carries_the_overrides():
          "preconditioner.ngrad is not a parameter of MFACPreconditioner: did you mean preconditioner.ngrads?"),
         (["optimizer._target_=lightning_mfac.NoSuchOptimizer"],
          "optimizer._target_='lightning_mfac.NoSuchOptimizer' cannot be imported"),
+        (["trainer=fsdp2_cpu", "optimizer=shampoo", "pruning=none"],
+         "optimizer._target_='lightning_mfac.app.baselines.shampoo' does not run under "
+         "trainer.strategy=ModelParallelStrategy (FSDP2): use optimizer=adamw, sgd"),
+        (["trainer=fsdp2_cpu", "pruning=none"], "optimizer=mfac does not run under trainer.strategy="
+         "ModelParallelStrategy (FSDP2): its checkpoints keep only per-parameter optimizer state"),
+        (["trainer=fsdp2_cpu", "optimizer=sgd"], "pruning.kind='gradual' does not run under trainer.strategy=ModelParallelStrategy"),
+        (["trainer=fsdp2_cpu", "optimizer=sgd", "pruning=oneshot"], "pruning.kind='oneshot' does not run"),
+        (["trainer=fsdp2", "optimizer=sgd", "pruning=none", "trainer.strategy.tensor_parallel_size=2"],
+         "trainer.strategy.tensor_parallel_size=2 is not supported"),
     ],
 )
 def test_bad_values_fail_before_training_naming_the_key(overrides, message):
@@ -509,6 +518,42 @@ def test_ddp_cpu_run(tmp_path):
         named = sorted(name for _, _, name in saved["preconditioners"][0]["fisher"]["window"]["files"])
         assert sorted(p.name for p in Path(f"{ckpt}.mfac-window").iterdir()) == named and len(named) == 2
     assert not (run_dir / "mfac-window-shards").exists()
+
+
+def _window_manifest(ckpt: Path) -> dict:
+    (state,) = [v for k, v in torch.load(ckpt, weights_only=True)["callbacks"].items()
+                if k.startswith("MFACPreconditioner")]
+    return state["preconditioners"][0]["fisher"]
+
+
+def test_fsdp2_cpu_run_shards_the_window_and_resumes(tmp_path):
+    """``trainer=fsdp2_cpu``: the real app under ModelParallelStrategy (fully_shard by the task's
+    configure_model) on 2 gloo processes; each rank's window holds only its shards' columns, in its
+    own file beside the checkpoint, and a second run resumes from it."""
+    run_dir = tmp_path / "fsdp2"
+    common = ["trainer=fsdp2_cpu", *TINY[:4], "optimizer=adamw", "preconditioner=mfac",
+              "preconditioner.ngrads=4", "pruning=none", "logger=csv"]
+    proc = _run([*common, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"], tmp_path, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "test/acc" in summary["test"] and summary["global_sparsity"] == 0.0
+    last = run_dir / "checkpoints" / "last.ckpt"
+    fisher = _window_manifest(last)
+    assert fisher["count"] == 4
+    window = fisher["window"]
+    per_rank: dict[str, int] = {}
+    for start, stop, name in window["files"]:
+        per_rank[name] = per_rank.get(name, 0) + stop - start
+    assert len(per_rank) == 2 and all(0 < n < window["dim"] for n in per_rank.values())
+    assert sum(per_rank.values()) == window["dim"]  # the shards tile the parameters exactly once
+    assert sorted(p.name for p in Path(f"{last}.mfac-window").iterdir()) == sorted(per_rank)
+
+    resumed_dir = tmp_path / "resumed"
+    proc = _run([*common, "trainer.max_epochs=2", f"ckpt_path={last}", f"hydra.run.dir={resumed_dir}"],
+                tmp_path, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # 4 more gradients entered the resumed window: the restored one, not an empty one, was kept.
+    assert _window_manifest(resumed_dir / "checkpoints" / "last.ckpt")["count"] == 8
 
 
 @pytest.mark.parametrize(("group", "needle"), [("hparams_search=optuna", "OptunaSweeper"), ("launcher=slurm", "submitit")])

@@ -125,6 +125,18 @@ def _worker(rank: int, init: str, out: str, ckpt: str) -> None:
         full = _full(model)
         if rank == 0:
             torch.save({"optimizer": state, "params": full}, f"{ckpt}-sgd")
+
+        # The app's sparsity report counts the zeros of every shard on every rank (rank 1's shard only
+        # is zero here: a count of the local shard would differ between the ranks).
+        from lightning_mfac.app.report import layer_sparsity
+
+        model = _sharded_model()
+        if rank == 1:
+            with torch.no_grad():
+                local(model[0].weight).zero_()
+        result["sparsity"] = layer_sparsity(model)
+        result["zeros"] = [int((p.full_tensor() == 0).sum()) for n, p in model.named_parameters()
+                           if n.endswith("weight")]
         dist.barrier()
         dist.destroy_process_group()
         torch.save(result, f"{out}.{rank}")
@@ -244,3 +256,12 @@ def test_fsdp2_per_rank_graft_moments_refuse_another_world_size(fsdp2_run) -> No
     opt = _mfac(_model(), "adam")
     with pytest.raises(ValueError, match="saved per rank by 2 ranks; 1 are running now: it resumes only in the world size"):
         opt.load_state_dict(state)
+
+
+def test_sparsity_report_counts_every_shard(fsdp2_run) -> None:
+    """mfac-train's per-layer sparsity of an FSDP2 model: the zeros of all shards, on every rank."""
+    results, _ = fsdp2_run
+    for res in results:
+        assert [z for _, z, _ in res["sparsity"]] == res["zeros"] and res["zeros"][0] > 0
+        assert [n for _, _, n in res["sparsity"]] == [m.weight.numel() for m in _model() if isinstance(m, nn.Linear)]
+    assert results[0]["sparsity"] == results[1]["sparsity"]

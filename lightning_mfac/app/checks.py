@@ -149,10 +149,50 @@ def _check_settings(cfg: DictConfig, key: str, config: type) -> None:
         raise ConfigError(f"{key}.{err}") from None
 
 
+#: Optimizers that step FSDP2's DTensor shards (the others mix plain tensors into their state).
+FSDP2_OPTIMIZERS = {"torch.optim.SGD": "sgd", "torch.optim.AdamW": "adamw"}
+
+
+def _check_fsdp2(cfg: DictConfig) -> None:
+    """``trainer=fsdp2`` (ModelParallelStrategy) runs what steps sharded parameters, nothing else."""
+    strategy = OmegaConf.select(cfg, "trainer.strategy", default=None)
+    if not OmegaConf.is_dict(strategy) or not str(strategy.get("_target_", "")).endswith("ModelParallelStrategy"):
+        return
+    target = str(OmegaConf.select(cfg, "optimizer._target_", default="") or "")
+    if _is_mfac_optimizer(cfg):
+        # ModelParallelStrategy checkpoints optimizers through torch.distributed.checkpoint, which
+        # keeps only per-parameter state: the window would be dropped from every checkpoint.
+        raise ConfigError(
+            "optimizer=mfac does not run under trainer.strategy=ModelParallelStrategy (FSDP2): its "
+            "checkpoints keep only per-parameter optimizer state, so the M-FAC window would be lost; use "
+            "optimizer=sgd or adamw with preconditioner=mfac, whose window is saved per rank."
+        )
+    if target not in FSDP2_OPTIMIZERS:
+        raise ConfigError(
+            f"optimizer._target_={target!r} does not run under trainer.strategy=ModelParallelStrategy "
+            f"(FSDP2): use optimizer={', '.join(sorted(set(FSDP2_OPTIMIZERS.values())))} (with or without "
+            "preconditioner=mfac), or trainer=ddp."
+        )
+    kind = OmegaConf.select(cfg, "pruning.kind", default=None)
+    if kind is not None:
+        raise ConfigError(
+            f"pruning.kind={kind!r} does not run under trainer.strategy=ModelParallelStrategy (FSDP2): OBS "
+            "pruning of FSDP2 shards is not implemented; prune with trainer=ddp or on one device, or use "
+            "pruning=none."
+        )
+    tp = strategy.get("tensor_parallel_size", "auto")
+    if tp != 1:
+        raise ConfigError(
+            f"trainer.strategy.tensor_parallel_size={tp!r} is not supported: the experiment models have no "
+            "tensor-parallel plan; use 1 (FSDP2 data parallelism over all devices)."
+        )
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Fail before any training starts, naming the offending key."""
     _check_optional_packages(cfg)
     _check_arguments(cfg)
+    _check_fsdp2(cfg)
     _number(cfg, "seed", integer=True)
     for key in ("optimizer.lr", "optimizer.weight_decay"):
         _number(cfg, key, minimum=0)

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lightning_mfac._files import atomic_write, atomic_write_text
 from lightning_mfac.app.callbacks import MetricHistory
@@ -36,7 +37,20 @@ def layer_sparsity(model: nn.Module, names: Iterable[str] | None = None) -> list
             for prefix, module in model.named_modules()
             if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
         ]
-    return [(n, int((p.detach() == 0).sum()), p.numel()) for n, p in chosen]
+    return [(n, _zeros(p), p.numel()) for n, p in chosen]
+
+
+def _zeros(param: torch.Tensor) -> int:
+    """Zeros of a parameter; of an FSDP2 ``DTensor``, summed over the shards, so every rank of its
+    mesh must call this (a ``DTensor`` sum would count only the local shard once read on one rank)."""
+    value = param.detach()
+    if isinstance(value, DTensor):
+        count = (value.to_local() == 0).sum()
+        for dim in range(value.device_mesh.ndim):
+            if value.placements[dim].is_shard():
+                torch.distributed.all_reduce(count, group=value.device_mesh.get_group(dim))
+        return int(count)
+    return int((value == 0).sum())
 
 
 def global_sparsity(rows: Sequence[tuple[str, int, int]]) -> float:
@@ -196,8 +210,9 @@ def pruning_report(cfg: DictConfig, task: pl.LightningModule, trainer: pl.Traine
 
 def run_report(cfg: DictConfig, trainer: pl.Trainer, task: pl.LightningModule, output_dir: Path,
             test_metrics: dict[str, float], logger: Any, pruning: dict[str, Any] | None,
-            objective: float) -> dict[str, Any]:
-    rows = layer_sparsity(task)
+            objective: float, rows: Sequence[tuple[str, int, int]]) -> dict[str, Any]:
+    """The run's summary (written, logged and plotted); ``rows`` is ``layer_sparsity(task)``,
+    counted on every rank since FSDP2 shards are counted together."""
     layers = {name: (n, z / n if n else 0.0) for name, z, n in rows}
     best, last = checkpoint_callbacks(trainer)
     checkpoints: dict[str, Any] = {"dir": str(best.dirpath) if best is not None else None}

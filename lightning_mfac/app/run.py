@@ -41,6 +41,7 @@ from lightning_mfac.app.checks import (
 )
 from lightning_mfac.app.report import (
     checkpoint_callbacks,
+    layer_sparsity,
     optimized_value,
     print_summary,
     pruning_report,
@@ -131,9 +132,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             results = trainer.test(task, datamodule=dm, verbose=False)
             test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
         summary: dict[str, Any] = {"optimized": objective}
+        # Every rank counts: an FSDP2 rank holds only its shards of the weights.
+        rows, pruning = layer_sparsity(task), pruning_report(cfg, task, trainer, masks, schedule_note)
         if trainer.is_global_zero:
-            summary = run_report(cfg, trainer, task, output_dir, test_metrics, logger,
-                              pruning_report(cfg, task, trainer, masks, schedule_note), objective)
+            summary = run_report(cfg, trainer, task, output_dir, test_metrics, logger, pruning, objective, rows)
             print_summary(summary)
             note = (summary.get("pruning") or {}).get("note")
             if note:

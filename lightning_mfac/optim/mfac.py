@@ -76,6 +76,9 @@ class MFAC(Optimizer):
     nothing of size ``d`` is. The steps equal one process's. Columns are numbered as in one process,
     so a window written by ``write_window_shards`` resumes in another world size; the momentum
     buffers (``DTensor``) and Adam-graft moments (this rank's file) resume in the same world size.
+    Lightning's ``ModelParallelStrategy`` saves optimizers through ``torch.distributed.checkpoint``,
+    which keeps only per-parameter state and so drops ``state_dict()["mfac"]``: under that strategy
+    precondition with :class:`~lightning_mfac.MFACPreconditioner`, whose window is saved per rank.
 
     **Copies.** ``copy.deepcopy`` and ``pickle`` carry the window, its factorization, the graft's
     state and the skip counter (a sharded window is refused: use ``state_dict``); deep-copy the

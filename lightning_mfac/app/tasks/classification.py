@@ -54,6 +54,38 @@ class Task(pl.LightningModule):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (``trainer=fsdp2``): FSDP2 data parallelism.
+
+        Every module with parameters of its own becomes an FSDP2 unit (``fully_shard``), innermost
+        first, so each unit's parameters are gathered only around its own forward and backward; the
+        model itself is the root unit, which also takes parameters shared between modules (tied
+        embeddings) and every module above them, since one parameter cannot belong to two units."""
+        mesh = self.device_mesh
+        if mesh is None or getattr(self, "_fsdp2_sharded", False):
+            return
+        if mesh["tensor_parallel"].size() != 1:
+            raise ValueError(
+                f"trainer.strategy.tensor_parallel_size={mesh['tensor_parallel'].size()} is not supported: "
+                "the experiment models have no tensor-parallel plan; use tensor_parallel_size=1 (FSDP2 "
+                "data parallelism)."
+            )
+        from torch.distributed.fsdp import fully_shard
+
+        data_parallel = mesh["data_parallel"]
+        owners: dict[int, int] = {}
+        for module in self.model.modules():
+            for p in module.parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        # Reversed pre-order: every module is sharded after all of its submodules, as FSDP2 requires.
+        for module in reversed(list(self.model.modules())):
+            own = next(module.parameters(recurse=False), None) is not None
+            # A shared parameter anywhere below would end up in two units: leave those to the root.
+            if module is not self.model and own and all(owners[id(p)] == 1 for p in module.parameters()):
+                fully_shard(module, mesh=data_parallel)
+        fully_shard(self.model, mesh=data_parallel)
+        self._fsdp2_sharded = True
+
     def compute_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(mean loss, logits, targets)`` of one batch; also what callbacks use to sample gradients."""
         raise NotImplementedError
