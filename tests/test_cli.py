@@ -144,7 +144,6 @@ def test_run_folder_label_carries_the_overrides():
          "trainer.strategy=ModelParallelStrategy (FSDP2): use optimizer=adamw, sgd"),
         (["trainer=fsdp2_cpu", "pruning=none"], "optimizer=mfac does not run under trainer.strategy="
          "ModelParallelStrategy (FSDP2): its checkpoints keep only per-parameter optimizer state"),
-        (["trainer=fsdp2_cpu", "optimizer=sgd"], "pruning.kind='gradual' does not run under trainer.strategy=ModelParallelStrategy"),
         (["trainer=fsdp2_cpu", "optimizer=sgd", "pruning=oneshot"], "pruning.kind='oneshot' does not run"),
         (["trainer=fsdp2", "optimizer=sgd", "pruning=none", "trainer.strategy.tensor_parallel_size=2"],
          "trainer.strategy.tensor_parallel_size=2 is not supported"),
@@ -528,18 +527,21 @@ def _window_manifest(ckpt: Path) -> dict:
 
 def test_fsdp2_cpu_run_shards_the_window_and_resumes(tmp_path):
     """``trainer=fsdp2_cpu``: the real app under ModelParallelStrategy (fully_shard by the task's
-    configure_model) on 2 gloo processes; each rank's window holds only its shards' columns, in its
-    own file beside the checkpoint, and a second run resumes from it."""
+    configure_model) on 2 gloo processes, gradual OBS pruning to 50 % in 2 epochs; each rank's
+    window holds only its shards' columns, in its own file beside the checkpoint, the summary counts
+    the zeros of every shard, and a second run resumes from the checkpoint with its masks."""
     run_dir = tmp_path / "fsdp2"
     common = ["trainer=fsdp2_cpu", *TINY[:4], "optimizer=adamw", "preconditioner=mfac",
-              "preconditioner.ngrads=4", "pruning=none", "logger=csv"]
-    proc = _run([*common, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"], tmp_path, timeout=400)
+              "preconditioner.ngrads=4", "pruning=mfac", *TINY[5:8], "pruning.callback.sparsity=0.5",
+              "logger=csv"]
+    proc = _run([*common, "trainer.max_epochs=2", f"hydra.run.dir={run_dir}"], tmp_path, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert "test/acc" in summary["test"] and summary["global_sparsity"] == 0.0
+    assert "test/acc" in summary["test"]
+    assert summary["global_sparsity"] == pytest.approx(0.5, abs=1e-3)  # both ranks' zeros: half the weights
     last = run_dir / "checkpoints" / "last.ckpt"
     fisher = _window_manifest(last)
-    assert fisher["count"] == 4
+    assert fisher["count"] == 8
     window = fisher["window"]
     per_rank: dict[str, int] = {}
     for start, stop, name in window["files"]:
@@ -549,11 +551,14 @@ def test_fsdp2_cpu_run_shards_the_window_and_resumes(tmp_path):
     assert sorted(p.name for p in Path(f"{last}.mfac-window").iterdir()) == sorted(per_rank)
 
     resumed_dir = tmp_path / "resumed"
-    proc = _run([*common, "trainer.max_epochs=2", f"ckpt_path={last}", f"hydra.run.dir={resumed_dir}"],
+    proc = _run([*common, "trainer.max_epochs=3", f"ckpt_path={last}", f"hydra.run.dir={resumed_dir}"],
                 tmp_path, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # 4 more gradients entered the resumed window: the restored one, not an empty one, was kept.
-    assert _window_manifest(resumed_dir / "checkpoints" / "last.ckpt")["count"] == 8
+    # 4 more gradients entered the resumed window: the restored one, not an empty one, was kept;
+    # the masks came back with the checkpoint and still hold.
+    assert _window_manifest(resumed_dir / "checkpoints" / "last.ckpt")["count"] == 12
+    resumed = json.loads((resumed_dir / "summary.json").read_text())
+    assert resumed["global_sparsity"] == pytest.approx(0.5, abs=1e-3)
 
 
 @pytest.mark.parametrize(("group", "needle"), [("hparams_search=optuna", "OptunaSweeper"), ("launcher=slurm", "submitit")])

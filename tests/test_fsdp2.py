@@ -230,6 +230,23 @@ def test_lightning_model_parallel_fsdp2_equals_one_device(tmp_path, graft) -> No
     assert torch.allclose(sharded["params"], single["params"], rtol=0, atol=2e-6)
 
 
+def test_obs_pruning_on_fsdp2_gives_the_masks_of_one_process(tmp_path) -> None:
+    """OBSPruning (two M-FAC steps to 50 %) with MFACPreconditioner after it, under
+    ModelParallelStrategy on 2 ranks against one device with the ranks' batches together: the same
+    masks at every step, the same sparsity, and the same weights after 12 steps (float32); the
+    preconditioner's window over the shards took the masks (a window still holding pruned
+    coordinates would move the weights apart)."""
+    single = _lightning(tmp_path, "single-prune", "sgd", steps=12)
+    sharded = _lightning(tmp_path, "fsdp2-prune", "sgd", steps=12)
+    assert sharded["storage"] == "LocalShardWindow"
+    assert [h["sparsity"] for h in sharded["history"]] == [h["sparsity"] for h in single["history"]]
+    assert len(single["history"]) == 2 and single["history"][-1]["sparsity"] == 0.5
+    assert single["masks"].keys() == sharded["masks"].keys()
+    for name, mask in single["masks"].items():
+        assert torch.equal(sharded["masks"][name].cpu(), mask.cpu()), name
+    assert torch.allclose(sharded["params"], single["params"], rtol=0, atol=2e-6)
+
+
 @pytest.mark.slow
 def test_lightning_model_parallel_checkpoint_resumes_the_window(tmp_path) -> None:
     """A checkpoint of the FSDP2 run after one epoch (6 steps): each rank's window columns and its

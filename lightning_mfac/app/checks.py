@@ -174,11 +174,10 @@ def _check_fsdp2(cfg: DictConfig) -> None:
             "preconditioner=mfac), or trainer=ddp."
         )
     kind = OmegaConf.select(cfg, "pruning.kind", default=None)
-    if kind is not None:
+    if kind == "oneshot":
         raise ConfigError(
-            f"pruning.kind={kind!r} does not run under trainer.strategy=ModelParallelStrategy (FSDP2): OBS "
-            "pruning of FSDP2 shards is not implemented; prune with trainer=ddp or on one device, or use "
-            "pruning=none."
+            "pruning.kind='oneshot' does not run under trainer.strategy=ModelParallelStrategy (FSDP2): use "
+            "gradual pruning (pruning=mfac or magnitude), or one-shot with trainer=ddp or on one device."
         )
     tp = strategy.get("tensor_parallel_size", "auto")
     if tp != 1:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy
 
 SUPPORTED = ("a single device, DDP (strategy='ddp', 'ddp_spawn', …), or FSDP2: ModelParallelStrategy with "
              "torch.distributed.fsdp.fully_shard applied in configure_model")
@@ -21,14 +21,8 @@ _SHARDED = (
 )
 
 
-def check_strategy(strategy: Strategy, owner: str, fsdp2: bool = True) -> None:
-    """Refuse a strategy whose gradients the window cannot follow; ``fsdp2=False``: also FSDP2
-    (``ModelParallelStrategy``), for a callback that needs every rank to hold full gradients."""
-    if not fsdp2 and isinstance(strategy, ModelParallelStrategy):
-        raise ValueError(
-            f"{owner} does not support strategy ModelParallelStrategy yet: its ranks hold DTensor shards of the "
-            "parameters, and pruning on FSDP2 shards is not implemented. Prune with DDP or on one device."
-        )
+def check_strategy(strategy: Strategy, owner: str) -> None:
+    """Refuse a strategy whose gradients the window cannot follow (FSDP1, DeepSpeed)."""
     for cls, why in _SHARDED:
         if isinstance(strategy, cls):
             raise ValueError(

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from lightning_mfac._files import atomic_save
 from lightning_mfac.callbacks._guards import check_strategy
+from lightning_mfac.optim.fsdp import is_dtensor, local, local_rows
 from lightning_mfac.optim.masking import broadcast_masks
 from lightning_mfac.pruning.config import OBSConfig
 from lightning_mfac.pruning.masks import layer_sparsities, sparsity_of
@@ -85,10 +86,16 @@ class OBSPruning(Callback):
     Masks, the position in the schedule and the history are part of the checkpoint; a resumed
     run continues the schedule exactly (given deterministic data order, as for any resumed run).
     Without a checkpoint every ``fit`` starts afresh: a callback object reused for another model
-    neither applies nor reports the masks of the previous one. Strategies that shard parameters
-    (FSDP, DeepSpeed, ``ModelParallelStrategy``) are refused at ``setup``.
+    neither applies nor reports the masks of the previous one.
     Under DDP every rank runs the step on its own batches and rank 0's weights and masks are then
-    broadcast, so replicas stay identical.
+    broadcast, so replicas stay identical. Under FSDP2 (``ModelParallelStrategy`` with
+    ``fully_shard``) each sampled gradient is the gradient of the global batch (every rank's batch,
+    averaged by FSDP2), gathered into full rows on every rank; the step runs on full copies of the
+    selected weights, rank 0's result is broadcast and each rank keeps its rows, so the masks are
+    those of one process on the global batch. The masks stay full-size on every rank (the
+    checkpoint holds them whole); the step's gradient matrix and weights are full-size too, so
+    pruning needs the memory of one process, while training between the steps stays sharded.
+    FSDP1 and DeepSpeed are refused at ``setup``.
 
     Args:
         sparsity: final fraction of zeros over the selected weights, in ``[0, 1)``; ``None`` with an
@@ -157,7 +164,7 @@ class OBSPruning(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer.strategy, "OBSPruning", fsdp2=False)
+        check_strategy(trainer.strategy, "OBSPruning")
         # A checkpoint, if any, is restored after setup: a reused callback starts afresh here.
         self._start_fit()
         # Fail at setup, not at the first pruning epoch, on a wrong selection or pattern.
@@ -203,9 +210,11 @@ class OBSPruning(Callback):
         path = self.export_path
         if path is None and self.make_permanent:
             path = os.path.join(trainer.default_root_dir, "obs_pruning_sparse.pt")
-        if path is not None and trainer.is_global_zero:
-            atomic_save(sparse_state_dict(pl_module, self.masks), path)
-            self.exported_to = path
+        if path is not None:
+            state = sparse_state_dict(pl_module, self.masks)  # every rank: FSDP2 shards are gathered
+            if trainer.is_global_zero:
+                atomic_save(state, path)
+                self.exported_to = path
         if self.make_permanent:
             self._remove_hooks()
 
@@ -238,6 +247,10 @@ class OBSPruning(Callback):
         show_bar = trainer.is_global_zero and _progress_bar_enabled(trainer)
         obs, subs = self.obs, recomputation_targets(sparsity_of(masks), target, self.obs.recomputations)
         source = "training_step" if self.loss_fn is None else "loss_fn"
+        # FSDP2: the step runs on full copies of the weights, the same on every rank (gathered, and
+        # rank 0's result broadcast), and each rank keeps its rows of the result.
+        sharded = any(is_dtensor(p) for p in self._named.values())
+        named = {n: p.full_tensor().detach().clone() for n, p in self._named.items()} if sharded else self._named
         with self._sampling_context(trainer, pl_module):
             stream = self._losses(trainer, pl_module)
             for sub, sub_target in enumerate(subs):
@@ -247,12 +260,15 @@ class OBSPruning(Callback):
 
                 def gradients(rows: int, _masks=masks, _desc=desc) -> torch.Tensor:
                     return collect_gradients(
-                        self._named, _masks, stream, rows, None, show_bar, _desc, source, window=obs.window
+                        self._named, _masks, stream, rows, None, show_bar, _desc, source, window=obs.window,
+                        module=pl_module,
                     )
 
-                masks = prune_step(self._named, masks, sub_target, obs, gradients=gradients)
+                masks = prune_step(named, masks, sub_target, obs, gradients=gradients)
                 used += ngrads_for(obs.ngrads, sub_target) if obs.method == "mfac" else 0
-        self.masks = self._synchronize(trainer, masks)
+                if sharded:  # the next sub-step samples gradients at the corrected weights
+                    masks = self._synchronize(trainer, masks, named)
+        self.masks = masks if sharded else self._synchronize(trainer, masks, self._named)
         self._mask_optimizer_state(trainer)
         by_param = {p: self.masks[n] for n, p in self._named.items()}
         broadcast_masks([cb for cb in trainer.callbacks if cb is not self], by_param)
@@ -301,15 +317,22 @@ class OBSPruning(Callback):
                 m.training = training
             _restore_metrics(metrics)
 
-    def _synchronize(self, trainer: pl.Trainer, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
-            return masks
-        out = {}
+    @torch.no_grad()
+    def _synchronize(
+        self, trainer: pl.Trainer, masks: dict[str, torch.Tensor], named: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Rank 0's pruned weights ``named`` and masks on every rank; FSDP2: ``named`` are the full
+        copies, and each rank's shard of a weight then takes its rows of them."""
+        out = dict(masks)
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            for name, p in named.items():
+                dist.broadcast(p.data, src=0)
+                flag = masks[name].to(p.device, torch.uint8)
+                dist.broadcast(flag, src=0)
+                out[name] = flag.bool()
         for name, p in self._named.items():
-            dist.broadcast(p.data, src=0)
-            flag = masks[name].to(p.device, torch.uint8)
-            dist.broadcast(flag, src=0)
-            out[name] = flag.bool()
+            if is_dtensor(p):
+                local(p).copy_(local_rows(p, named[name]))
         return out
 
     # ------------------------------------------------------------------ enforcement
@@ -319,7 +342,7 @@ class OBSPruning(Callback):
             return
         for name, p in self._named.items():
             if p.grad is not None:
-                p.grad.mul_(self.masks[name])
+                local(p.grad).mul_(local_rows(p, self.masks[name]))
 
     @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -337,7 +360,7 @@ class OBSPruning(Callback):
                     mask = by_id.get(id(p))
                     for value in optimizer.state.get(p, {}).values() if mask is not None else ():
                         if isinstance(value, torch.Tensor) and value.shape == p.shape:
-                            value.mul_(mask.to(value.device, value.dtype))
+                            local(value).mul_(local_rows(p, mask).to(value.device, value.dtype))
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:

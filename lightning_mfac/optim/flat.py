@@ -27,7 +27,7 @@ import torch
 
 from lightning_mfac.fisher import DynamicFisherInverse
 from lightning_mfac.fisher.config import DynamicConfig, WindowConfig
-from lightning_mfac.optim.fsdp import local, shard_layout
+from lightning_mfac.optim.fsdp import local, local_rows, shard_layout
 from lightning_mfac.optim.masking import Masks
 
 
@@ -290,7 +290,7 @@ class FlatPreconditioner:
             (
                 k.reshape(-1).to(self.device, torch.bool)
                 if k is not None
-                else torch.ones(p.numel(), dtype=torch.bool, device=self.device)
+                else torch.ones(local(p).numel(), dtype=torch.bool, device=self.device)
             )
             for p, k in zip(self.params, keeps, strict=True)
         ]
@@ -301,11 +301,8 @@ class FlatPreconditioner:
         :class:`~lightning_mfac.optim.masking.MaskableWindow` protocol: keyed by name or tensor, see
         :func:`check_masks`); parameters not in ``masks`` keep all their coordinates."""
         keeps = check_masks(self.params, masks, self.owner, self.names)
-        if any(k is not None for k in keeps) and self.layout is not None:
-            raise NotImplementedError(
-                f"{self.owner}: masks on parameters sharded by FSDP2 are not supported yet (pruning runs "
-                "with DDP or in one process)."
-            )
+        # FSDP2: masks are full-size; this rank's window holds the columns of its rows only.
+        keeps = [None if k is None else local_rows(p, k) for p, k in zip(self.params, keeps, strict=True)]
         if any(k is not None for k in keeps):
             self.fisher.mask_coordinates(self.keep_vector(keeps))
 

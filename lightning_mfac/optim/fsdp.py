@@ -30,6 +30,18 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
+def local_rows(t: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """The rows of ``full`` (a plain tensor shaped like ``t``) that ``t``'s local piece holds: a view,
+    for a ``Shard(0)`` ``DTensor``; ``full`` itself for a plain ``t``. How a full-size mask reaches
+    the local piece of the weight, gradient or optimizer state it masks."""
+    if not is_dtensor(t):
+        return full
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return full.narrow(0, offset[0], shape[0])
+
+
 def shard_layout(params: Sequence[torch.Tensor], owner: str, names: Sequence[str] | None = None) -> ShardLayout | None:
     """The layout of ``params`` over their FSDP2 mesh, or ``None`` when none is a ``DTensor``.
 

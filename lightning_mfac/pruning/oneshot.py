@@ -36,6 +36,7 @@ from lightning_mfac import _validation as check
 from lightning_mfac.fisher.config import WindowConfig
 from lightning_mfac.fisher.static import StaticFisherInverse
 from lightning_mfac.fisher.storage import check_window_fits, plan_storage
+from lightning_mfac.optim.fsdp import is_dtensor, local, local_rows
 from lightning_mfac.pruning.config import OBSConfig
 from lightning_mfac.pruning.masks import prune_count, select_masks, sparsity_of
 from lightning_mfac.pruning.obs import obs_correction, obs_saliency
@@ -85,7 +86,8 @@ def check_masks(masks: Mapping[str, torch.Tensor] | None, named: Mapping[str, to
     for name, p in named.items():
         mask = masks.get(name)
         if mask is None:
-            out[name] = torch.ones_like(p, dtype=torch.bool)
+            # Full size, also for an FSDP2 shard: every rank holds the whole mask.
+            out[name] = torch.ones(p.shape, dtype=torch.bool, device=p.device)
             continue
         if not isinstance(mask, torch.Tensor) or mask.shape != p.shape:
             shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
@@ -97,14 +99,17 @@ def check_masks(masks: Mapping[str, torch.Tensor] | None, named: Mapping[str, to
 # ---------------------------------------------------------------------------- helpers
 @torch.no_grad()
 def mask_weights(named: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
-    """Zero the pruned entries (``masks[name]`` False) of each weight in place."""
+    """Zero the pruned entries (``masks[name]`` False) of each weight in place (of an FSDP2 shard,
+    its rows of the full-size mask)."""
     for name, p in named.items():
-        p.mul_(masks[name].to(p.device, p.dtype))
+        local(p).mul_(local_rows(p, masks[name]).to(p.device, p.dtype))
 
 
 def sparse_state_dict(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` on the CPU with every masked weight stored as a sparse COO tensor."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    """``model.state_dict()`` on the CPU with every masked weight stored as a sparse COO tensor.
+
+    FSDP2 shards are gathered into full tensors, so every rank of their mesh must call this."""
+    state = {k: (v.full_tensor() if is_dtensor(v) else v).detach().cpu() for k, v in model.state_dict().items()}
     for name in masks:
         if name in state:
             state[name] = state[name].to_sparse()
@@ -182,6 +187,7 @@ def collect_gradients(
     desc: str = "M-FAC gradients",
     source: str = "loss_fn",
     window: WindowConfig | None = None,
+    module: nn.Module | None = None,
 ) -> torch.Tensor:
     """``(ngrads, d')`` gradients of successive ``losses`` w.r.t. the alive entries of ``named``.
 
@@ -189,7 +195,53 @@ def collect_gradients(
     The matrix is kept on ``device`` (default: that of the first weight) unless ``window.storage``
     asks for host memory (``"paged"``, or ``"auto"`` with too little free GPU memory). ``source``
     names what produced the losses in error messages.
+
+    FSDP2 (``named`` are ``DTensor`` shards of ``module``, sharded by ``fully_shard``): the sharded
+    parameters are not in the autograd graph (FSDP2 gathers them for each unit's forward and
+    reduce-scatters their gradients in its backward hooks), so each loss is back-propagated with
+    ``backward()`` and the averaged gradients are gathered into full rows on every rank, which
+    then all hold the same matrix -- of the global batch, as one process would. The ``.grad``
+    fields of ``module`` are restored afterwards. Every rank of the mesh must call this.
     """
+    if any(is_dtensor(p) for p in named.values()):
+        if module is None:
+            raise ValueError("collect_gradients: module is required for FSDP2-sharded parameters (their "
+                             "gradients come from module's backward).")
+        with _saved_grads(module):
+            return _collect(named, masks, losses, ngrads, device, progress, desc, source, window,
+                            _fsdp2_gradients(module))
+    return _collect(named, masks, losses, ngrads, device, progress, desc, source, window, _autograd_gradients)
+
+
+def _autograd_gradients(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> Sequence[torch.Tensor | None]:
+    return torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
+
+
+def _fsdp2_gradients(module: nn.Module) -> Callable[[torch.Tensor, Sequence[torch.Tensor]], list[torch.Tensor | None]]:
+    def gradients(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        loss.reshape(()).backward()
+        # The same parameters in the same order on every rank: one all-gather each.
+        out = [None if p.grad is None else (p.grad.full_tensor() if is_dtensor(p.grad) else p.grad) for p in params]
+        module.zero_grad(set_to_none=True)
+        return out
+
+    return gradients
+
+
+@contextlib.contextmanager
+def _saved_grads(module: nn.Module) -> Iterator[None]:
+    saved = [(p, p.grad) for p in module.parameters()]
+    module.zero_grad(set_to_none=True)
+    try:
+        yield
+    finally:
+        for p, g in saved:
+            p.grad = g
+
+
+def _collect(named, masks, losses, ngrads, device, progress, desc, source, window, gradients) -> torch.Tensor:
+    """The loop of :func:`collect_gradients`; ``gradients(loss, params)`` gives each parameter's full
+    gradient of one loss (``None``: unused)."""
     params = list(named.values())
     # Column indices of the alive entries (None: all alive, no gather needed).
     index = []
@@ -214,7 +266,7 @@ def collect_gradients(
                 raise ValueError(f"{source} returned a loss that does not depend on the pruned weights (no grad_fn).")
             if not bool(torch.isfinite(loss)):
                 raise ValueError(f"{source} returned a non-finite loss ({float(loss)}) while sampling gradients.")
-            parts = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
+            parts = gradients(loss, params)
             for j, (g, idx) in enumerate(zip(parts, index, strict=True)):
                 if g is None:
                     continue  # unused weight: its row segment stays zero
@@ -347,6 +399,12 @@ def oneshot_prune(
         raise ValueError("batches=None is invalid with method='mfac': expected an iterable of batches.")
     named = select_parameters(model, obs.params)
     check_nm(named, obs.nm)
+    sharded = next((n for n, p in named.items() if is_dtensor(p)), None)
+    if sharded is not None:
+        raise ValueError(
+            f"oneshot_prune: parameter {sharded!r} is an FSDP2 DTensor shard: one-shot pruning runs in one "
+            "process or under DDP; for FSDP2, prune gradually with the OBSPruning callback."
+        )
     keep = check_masks(masks, named)
     mask_weights(named, keep)
 
